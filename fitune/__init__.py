@@ -1,0 +1,5 @@
+"""fitune: fine-tune open LLMs on the hardware you have."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

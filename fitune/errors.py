@@ -1,0 +1,38 @@
+"""Error types that fitune raises for its users.
+
+Each carries a message that names what is wrong, the offending value and the fix. Internal invariants use
+``assert``; anything a user can cause raises one of these.
+"""
+
+from __future__ import annotations
+
+
+class FituneError(Exception):
+    """Base class of errors caused by user input or environment."""
+
+
+class RecipeError(FituneError):
+    """A recipe is invalid. ``problems`` lists every problem found, each one line."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s){where}:\n{lines}")
+
+
+class ModelSourceError(FituneError):
+    """A model source cannot be resolved or loaded."""
+
+
+class DataError(FituneError):
+    """A dataset cannot be read, or a line of it is bad (message names file:line)."""
+
+
+class PlanError(FituneError):
+    """The training step cannot be simulated (names the op or module and what to do)."""
+
+
+class RunFolderError(FituneError):
+    """The output folder holds another run."""
