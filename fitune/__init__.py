@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from fitune.recipe import Recipe
-    from fitune.train.loop import TrainResult
+    from fitune.trainer.loop import TrainResult
 
 __all__ = ["Recipe", "TrainResult", "train", "__version__"]
 
@@ -23,7 +23,7 @@ def __getattr__(name: str) -> Any:
 
         return Recipe
     if name == "TrainResult":
-        from fitune.train.loop import TrainResult
+        from fitune.trainer.loop import TrainResult
 
         return TrainResult
     raise AttributeError(f"module 'fitune' has no attribute {name!r}")
@@ -31,7 +31,7 @@ def __getattr__(name: str) -> Any:
 
 def train(recipe, max_steps: int | None = None, **kwargs):
     """Train a recipe (a ``Recipe``, a dict or a YAML path); returns a ``TrainResult``."""
-    from fitune.train.loop import train as _train
+    from fitune.trainer.loop import train as _train
 
     return _train(_as_recipe(recipe), max_steps=max_steps, **kwargs)
 

@@ -63,7 +63,7 @@ def train(
     quiet_libraries()
     try:
         r = _load(recipe)
-        from fitune.train.loop import train as run_train
+        from fitune.trainer.loop import train as run_train
 
         result = run_train(
             r, max_steps=max_steps, overwrite=overwrite, progress=not no_progress, echo=console.print

@@ -138,7 +138,8 @@ def get_gpu(name: str) -> GPU:
     prefixed = sorted({gpu.name for k, gpu in index.items() if k.startswith(key + "-")}) if key else []
     if len(prefixed) == 1:
         raise FituneError(
-            f"GPU name {name!r} leaves out the variant; the catalog has only {prefixed[0]}: name it in full."
+            f"GPU {name!r} is not in the catalog, which has only the variant {prefixed[0]}. "
+            "If that is your card, name it in full."
         )
     if prefixed:
         raise FituneError(

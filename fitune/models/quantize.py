@@ -38,6 +38,10 @@ def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype, device: torch.dev
             )
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
+            # bitsandbytes repacks CPU weights for inference the first time a layer runs in eval mode and
+            # never packs them back; training after an eval would then skip the input gradient through
+            # this layer (gemv_4bit has no autograd kernel). Keep the trainable layout.
+            q.support_avx512bf16_for_cpu = False
             q = q.to(device)  # quantizes here
             setattr(parent, child_name, q)
             del child

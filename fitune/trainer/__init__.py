@@ -1,5 +1,5 @@
 """Training: the loop that calls the one train step."""
 
-from fitune.train.loop import TrainResult, train
+from fitune.trainer.loop import TrainResult, train
 
 __all__ = ["TrainResult", "train"]

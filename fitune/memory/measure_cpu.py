@@ -1,0 +1,96 @@
+"""Ground truth on CPU: the peak of live CPU allocator bytes while a function runs.
+
+It reads torch's own memory profiler (`torch.profiler._memory_profiler`), which sees every allocation
+the CPU allocator reports, including scratch buffers inside kernels that a dispatch-level tracker
+cannot see. The profiler's timeline starts with PREEXISTING entries: allocations made before
+profiling that `fn` touched (used as an op input, or freed). Their sizes come from the largest
+extent seen through a view, or from the free event, so storage that `fn` never touches and the
+unseen tail of a storage used only through a narrower view are missing. Hence two numbers:
+
+- `peak_bytes_relative`: max over time of (bytes allocated during fn and still live, minus
+  pre-existing bytes freed so far); exact for what the CPU allocator reports.
+- `peak_bytes`: `preexisting_bytes + peak_bytes_relative`, a lower bound on the absolute peak that
+  is exact when every pre-existing allocation is used by fn through a full-size view (as a training
+  step does with parameters, optimizer state and the batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.profiler._memory_profiler import Action, MemoryProfileTimeline, TensorKey
+
+UNKNOWN = "UNKNOWN"  # allocations the profiler could not tie to a tensor
+
+
+@dataclasses.dataclass
+class CpuMeasurement:
+    peak_bytes: int  # preexisting_bytes + peak_bytes_relative (see module docstring)
+    peak_bytes_relative: int  # peak of live bytes allocated during fn, relative to the start
+    preexisting_bytes: int  # live before fn and touched by it
+    end_bytes_relative: int  # live at the end, relative to the start
+    breakdown_at_peak: dict[
+        str, int
+    ]  # profiler category name -> bytes, incl. pre-existing; sums to peak_bytes
+    result: Any = None  # what the profiled call of fn returned
+
+
+def _add(counts: dict[str, int], key: str, n: int) -> None:
+    counts[key] = counts.get(key, 0) + n
+
+
+def measure_cpu_peak(fn: Callable[[], Any], *, warmup: int = 0) -> CpuMeasurement:
+    """Run `fn` `warmup` times unprofiled, then once under the memory profiler; report the CPU peak."""
+    for _ in range(warmup):
+        fn()
+    # with_stack=True is required by `profile._memory_profile()`; its Python tracer is also what
+    # lets the profiler label parameters and optimizer state.
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
+        result = fn()
+    timeline = MemoryProfileTimeline(prof._memory_profile())
+    cpu = torch.device("cpu")
+
+    def category(key: Any, version: int) -> str:
+        cat = timeline.categories.get(key, version) if isinstance(key, TensorKey) else None
+        return UNKNOWN if cat is None else cat.name
+
+    preexisting = relative = peak_relative = 0
+    by_category: dict[str, int] = {}
+    peak_breakdown: dict[str, int] | None = None  # taken at the start, then at each new peak
+    # Sorted by (time, action): PREEXISTING entries (time -1) come first, and at equal times
+    # creations come before destructions, so a transient is never hidden.
+    for _t, action, (key, version), nbytes in timeline.timeline:
+        if key.device != cpu:
+            continue
+        if action == Action.PREEXISTING:
+            preexisting += nbytes
+            _add(by_category, category(key, version), nbytes)
+            continue
+        if peak_breakdown is None:
+            peak_breakdown = dict(by_category)
+        if action == Action.INCREMENT_VERSION:  # same bytes, maybe a new category
+            _add(by_category, category(key, version), -nbytes)
+            _add(by_category, category(key, version + 1), nbytes)
+            continue
+        delta = -nbytes if action == Action.DESTROY else nbytes
+        _add(by_category, category(key, version), delta)
+        relative += delta
+        if relative > peak_relative:
+            peak_relative = relative
+            peak_breakdown = dict(by_category)
+    if peak_breakdown is None:
+        peak_breakdown = dict(by_category)
+    return CpuMeasurement(
+        peak_bytes=preexisting + peak_relative,
+        peak_bytes_relative=peak_relative,
+        preexisting_bytes=preexisting,
+        end_bytes_relative=relative,
+        breakdown_at_peak={k: v for k, v in peak_breakdown.items() if v},
+        result=result,
+    )

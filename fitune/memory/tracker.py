@@ -1,0 +1,496 @@
+"""Allocation tracker: live tensor bytes, op by op, on fake or real tensors.
+
+`MemoryTracker` is a `TorchDispatchMode`. Every aten op that reaches the Python dispatch key passes
+through it; each *storage* is counted once, the first time it appears as the output of an op that
+allocates (schema return without alias info), by `untyped_storage().nbytes()` passed through the
+allocator model `round_bytes`. A weakref on the storage object tells when the allocation is freed
+(torch keeps one Python object per live storage, so the weakref dies with the allocation). Views
+share their base's storage and are not counted again.
+
+The same code runs on real CPU tensors and inside `FakeTensorMode` (enter the tracker *inside* the
+fake mode, so it sees ops before the fake mode computes them). What it cannot see, on either:
+allocations made inside one kernel and freed before it returns (scratch buffers), and allocations
+that bypass the dispatcher (`torch.from_numpy`, `UntypedStorage.resize_`, tensors made before the
+tracker and not registered). `measure_cpu.py` measures that gap against the profiler.
+
+Categories: parameters and buffers by identity (`register_model`), gradients through
+post-accumulate-grad hooks, optimizer state from `optimizer.state` after each step, activations
+from the saved-tensors pack hook, everything else TEMPORARIES. A storage's category only moves up
+(`_RANK`) as more is learnt, and a move is applied to the recorded peaks too when the storage was
+live then (it is live now and was allocated before the peak), so the breakdown at a peak that falls
+inside `optimizer.step()` names the freshly created optimizer state correctly.
+
+Legend: `st` an untyped storage, `rec` its `_Storage` record, `nb` bytes after rounding.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import Enum
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+
+class Category(str, Enum):
+    FROZEN_WEIGHTS = "frozen_weights"  # parameters with requires_grad=False, and module buffers
+    TRAINABLE_WEIGHTS = "trainable_weights"
+    GRADIENTS = "gradients"
+    OPTIMIZER_STATE = "optimizer_state"
+    ACTIVATIONS = "activations"  # packed by autograd for backward
+    TEMPORARIES = "temporaries"
+    QUANT_STATE = "quant_state"  # bitsandbytes absmax / code / SCB next to a quantized weight
+    OTHER = "other"  # registered through `register_tensors`
+
+
+# A storage is re-categorised only towards a higher rank, unless the caller knows by identity.
+_RANK = {
+    Category.TEMPORARIES: 0,
+    Category.OTHER: 0,
+    Category.ACTIVATIONS: 1,
+    Category.GRADIENTS: 2,
+    Category.OPTIMIZER_STATE: 3,
+    Category.QUANT_STATE: 3,
+    Category.FROZEN_WEIGHTS: 4,
+    Category.TRAINABLE_WEIGHTS: 4,
+}
+
+# `torch.tensor(...)` allocates outside the dispatcher and then passes its result through
+# `lift_fresh`, whose schema says "returns its input": the allocation is new all the same.
+_FRESH = {torch.ops.aten.lift_fresh.default}
+
+NO_MODULE = "(none)"
+DEFAULT_PHASE = "default"
+
+
+@dataclasses.dataclass
+class PeakInfo:
+    """The highest live total seen (in one phase, or overall) and where it happened."""
+
+    bytes: int = 0
+    event: int = -1
+    op: str = ""
+    module: str = ""
+    stage: str = ""  # forward | backward | recompute | optimizer | other
+    phase: str = ""
+    breakdown: dict[Category, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class TimelinePoint:
+    """Live bytes after one op (or the highest of `stride` consecutive ops once downsampled)."""
+
+    event: int
+    phase: str
+    op: str
+    module: str
+    stage: str
+    live_bytes: int
+    by_category: dict[Category, int]
+
+
+@dataclasses.dataclass(slots=True)
+class _Storage:
+    nbytes: int
+    category: Category
+    alloc_event: int
+    ref: weakref.ref | None = None
+
+
+def _storages(t: torch.Tensor) -> Iterator[torch.UntypedStorage]:
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        for name in names:
+            inner = getattr(t, name)
+            if isinstance(inner, torch.Tensor):
+                yield from _storages(inner)
+    elif t.layout == torch.strided:
+        yield t.untyped_storage()
+
+
+def _quant_state_tensors(p: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Tensors a quantized parameter keeps beside its data (bnb Params4bit.quant_state, Int8Params.SCB)."""
+    stack: list[tuple[Any, int]] = [(p, 0)]
+    while stack:
+        obj, depth = stack.pop()
+        for value in vars(obj).values():
+            if isinstance(value, torch.Tensor):
+                yield value
+            elif depth < 2 and hasattr(value, "absmax"):  # bnb QuantState and its nested state2
+                stack.append((value, depth + 1))
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Counts live tensor storages op by op; records the peak, its breakdown, op, module and phase.
+
+    Usage (fake or real tensors alike)::
+
+        tracker = MemoryTracker()
+        tracker.register_model(model)
+        tracker.register_optimizer(optimizer)
+        with tracker:
+            with tracker.phase("step1"):
+                train_step(...)
+        tracker.peak_bytes, tracker.breakdown_at_peak(), tracker.phase_peaks()
+
+    `round_bytes` models the allocator (e.g. the CUDA caching allocator's 512-byte blocks); it is
+    applied to every storage. The tracker holds no strong reference to any tensor.
+    """
+
+    def __init__(
+        self, round_bytes: Callable[[int], int] = lambda n: n, *, max_timeline_points: int = 4096
+    ) -> None:
+        super().__init__()
+        self.round_bytes = round_bytes
+        self.live_bytes = 0
+        self._live_by_category = dict.fromkeys(Category, 0)
+        self._records: dict[int, _Storage] = {}  # id(storage) -> record, live storages only
+        self._event = 0
+        self._phase = DEFAULT_PHASE
+        self.peak = PeakInfo()
+        self._phase_peaks: dict[str, PeakInfo] = {}
+        # Timeline: one point per op, downsampled by keeping the max of `stride` ops when it grows.
+        self._max_points = max_timeline_points
+        self._points: list[TimelinePoint] = []
+        self._pending: TimelinePoint | None = None
+        self._pending_count = 0
+        self._stride = 1
+        # Module attribution.
+        self._models: list[weakref.ref[nn.Module]] = []
+        self._optimizers: list[weakref.ref[torch.optim.Optimizer]] = []
+        self._param_module: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> module name
+        self._module_stack: list[tuple[str, int]] = []  # (name, autograd sequence nr at entry)
+        self._segments: list[tuple[int, int, str]] = []  # [start, end) sequence nrs -> innermost module
+        self._max_segments = 200_000
+        self._in_optimizer: str | None = None
+        self._handles: list[Any] = []
+        self._saved_hooks: Any = None
+        self._depth = 0
+
+    # ------------------------------------------------------------------ registration
+
+    def register_model(self, model: nn.Module) -> None:
+        """Count the model's parameters and buffers (frozen vs trainable by requires_grad)."""
+        names = {m: (q or type(model).__name__) for q, m in model.named_modules(remove_duplicate=False)}
+        for mod, name in names.items():
+            for p in mod.parameters(recurse=False):
+                self._param_module.setdefault(p, name)
+        for p in model.parameters():
+            cat = Category.TRAINABLE_WEIGHTS if p.requires_grad else Category.FROZEN_WEIGHTS
+            self._categorize(p, cat, force=True)
+            for q in _quant_state_tensors(p):
+                self._categorize(q, Category.QUANT_STATE)
+        for b in model.buffers():
+            self._categorize(b, Category.FROZEN_WEIGHTS, force=True)
+        self._models.append(weakref.ref(model))
+        if self._depth:
+            self._install_model_hooks(model)
+        self._note("register_model")
+
+    def register_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Count existing optimizer state; state created lazily in step() is categorised after it."""
+        self._categorize_optimizer_state(optimizer)
+        self._optimizers.append(weakref.ref(optimizer))
+        if self._depth:
+            self._install_optimizer_hooks(optimizer)
+        self._note("register_optimizer")
+
+    def register_tensors(self, *tensors: torch.Tensor, category: Category = Category.OTHER) -> None:
+        """Count tensors created before tracking that the run keeps alive (e.g. a batch made earlier)."""
+        for t in tensors:
+            self._categorize(t, category, force=True)
+        self._note("register_tensors")
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Attribute events to `name` ("load", "step1", ...); each phase keeps its own peak."""
+        previous, self._phase = self._phase, name
+        self._note(f"phase:{name}")
+        try:
+            yield
+        finally:
+            self._phase = previous
+
+    # ------------------------------------------------------------------ results
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.peak.bytes
+
+    @property
+    def peak_op(self) -> str:
+        return self.peak.op
+
+    @property
+    def peak_module(self) -> str:
+        return self.peak.module
+
+    @property
+    def peak_phase(self) -> str:
+        return self.peak.phase
+
+    @property
+    def peak_stage(self) -> str:
+        return self.peak.stage
+
+    def breakdown_at_peak(self) -> dict[Category, int]:
+        """Bytes per category at the overall peak; the values sum to `peak_bytes`."""
+        return dict(self.peak.breakdown)
+
+    def phase_peaks(self) -> dict[str, int]:
+        return {name: info.bytes for name, info in self._phase_peaks.items()}
+
+    def phase_peak_info(self, name: str) -> PeakInfo:
+        return dataclasses.replace(self._phase_peaks[name])
+
+    def live_breakdown(self) -> dict[Category, int]:
+        return dict(self._live_by_category)
+
+    @property
+    def timeline(self) -> list[TimelinePoint]:
+        """At most ~2*max_timeline_points points; each is the highest of `stride` consecutive ops."""
+        return self._points + ([self._pending] if self._pending is not None else [])
+
+    # ------------------------------------------------------------------ dispatch mode
+
+    def __enter__(self) -> MemoryTracker:
+        if self._depth == 0:
+            for ref in self._models:
+                if (model := ref()) is not None:
+                    self._install_model_hooks(model)
+            for ref in self._optimizers:
+                if (opt := ref()) is not None:
+                    self._install_optimizer_hooks(opt)
+            self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda x: x)
+            self._saved_hooks.__enter__()
+        self._depth += 1
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self._depth -= 1
+        if self._depth == 0:
+            self._saved_hooks.__exit__(*exc)
+            self._saved_hooks = None
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self._module_stack.clear()
+            self._in_optimizer = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        if not returns:
+            pairs: Any = ()
+        elif len(returns) == 1:
+            pairs = ((returns[0], out),)
+        else:
+            pairs = zip(returns, out, strict=True)
+        for ret, value in pairs:
+            # A view or in-place result is no new allocation.
+            aliased = ret.alias_info is not None and func not in _FRESH
+            for t in tree_leaves(value):
+                if isinstance(t, torch.Tensor):
+                    self._on_output(t, aliased)
+        self._note(str(func))
+        return out
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _on_output(self, t: torch.Tensor, aliased: bool) -> None:
+        for st in _storages(t):
+            rec = self._lookup(st)
+            if rec is not None:
+                nb = self._rounded(st)
+                if nb != rec.nbytes:  # resize_ grew or shrank the allocation
+                    self._move(rec.category, nb - rec.nbytes)
+                    rec.nbytes = nb
+            elif not aliased:
+                self._add(st, Category.TEMPORARIES)
+
+    def _lookup(self, st: torch.UntypedStorage) -> _Storage | None:
+        rec = self._records.get(id(st))
+        return rec if rec is not None and rec.ref is not None and rec.ref() is st else None
+
+    def _rounded(self, st: torch.UntypedStorage) -> int:
+        n = int(st.nbytes())
+        return self.round_bytes(n) if n else 0
+
+    def _add(self, st: torch.UntypedStorage, category: Category) -> None:
+        nb = self._rounded(st)
+        if nb == 0:
+            return
+        key = id(st)
+        rec = _Storage(nb, category, self._event)
+        rec.ref = weakref.ref(st, partial(self._on_free, key, rec))
+        self._records[key] = rec
+        self._move(category, nb)
+
+    def _on_free(self, key: int, rec: _Storage, _ref: weakref.ref) -> None:
+        if self._records.get(key) is rec:
+            del self._records[key]
+        self._move(rec.category, -rec.nbytes)
+
+    def _move(self, category: Category, nb: int) -> None:
+        self.live_bytes += nb
+        self._live_by_category[category] += nb
+
+    def _categorize(
+        self, t: torch.Tensor, category: Category, *, force: bool = False, add_missing: bool = True
+    ) -> None:
+        for st in _storages(t):
+            rec = self._lookup(st)
+            if rec is None:
+                if add_missing:
+                    self._add(st, category)
+                continue
+            old = rec.category
+            if old == category or not (force or _RANK[category] > _RANK[old]):
+                continue
+            rec.category = category
+            self._live_by_category[old] -= rec.nbytes
+            self._live_by_category[category] += rec.nbytes
+            # Live now and allocated before a peak means live at that peak: fix its breakdown.
+            for peak in (self.peak, *self._phase_peaks.values()):
+                if rec.alloc_event <= peak.event:
+                    peak.breakdown[old] -= rec.nbytes
+                    peak.breakdown[category] += rec.nbytes
+
+    def _note(self, op: str) -> None:
+        """Close one event: update the peaks and the timeline with the live total after `op`."""
+        event, self._event = self._event, self._event + 1
+        live = self.live_bytes
+        phase_peak = self._phase_peaks.get(self._phase)
+        new_peak = live > self.peak.bytes or self.peak.event < 0
+        new_phase_peak = phase_peak is None or live > phase_peak.bytes
+        pending = self._pending
+        if not (new_peak or new_phase_peak or pending is None or live > pending.live_bytes):
+            self._advance_timeline()
+            return
+        module, stage = self._where()
+        if new_peak:
+            self.peak = PeakInfo(live, event, op, module, stage, self._phase, dict(self._live_by_category))
+        if new_phase_peak:
+            self._phase_peaks[self._phase] = PeakInfo(
+                live, event, op, module, stage, self._phase, dict(self._live_by_category)
+            )
+        if pending is None or live > pending.live_bytes:
+            self._pending = TimelinePoint(
+                event, self._phase, op, module, stage, live, dict(self._live_by_category)
+            )
+        self._advance_timeline()
+
+    def _advance_timeline(self) -> None:
+        self._pending_count += 1
+        if self._pending_count < self._stride:
+            return
+        assert self._pending is not None
+        self._points.append(self._pending)
+        self._pending, self._pending_count = None, 0
+        if len(self._points) >= 2 * self._max_points:
+            pts = self._points
+            self._points = [max(pts[i : i + 2], key=lambda p: p.live_bytes) for i in range(0, len(pts), 2)]
+            self._stride *= 2
+
+    # ------------------------------------------------------------------ where are we
+
+    def _where(self) -> tuple[str, str]:
+        if self._in_optimizer is not None:
+            return self._in_optimizer, "optimizer"
+        in_backward = torch._C._current_graph_task_id() != -1
+        if self._module_stack:
+            return self._module_stack[-1][0], "recompute" if in_backward else "forward"
+        if in_backward:
+            return self._module_of_node(torch._C._current_autograd_node()), "backward"
+        return NO_MODULE, "other"
+
+    def _module_of_node(self, node: Any) -> str:
+        if node is None:
+            return NO_MODULE
+        variable = getattr(node, "variable", None)  # AccumulateGrad: the parameter
+        if variable is not None:
+            return self._param_module.get(variable, NO_MODULE)
+        seq = node._sequence_nr()
+        i = bisect.bisect_right(self._segments, (seq, float("inf"), "")) - 1
+        if i >= 0 and self._segments[i][0] <= seq < self._segments[i][1]:
+            return self._segments[i][2]
+        return NO_MODULE
+
+    def _install_model_hooks(self, model: nn.Module) -> None:
+        for qname, mod in model.named_modules():
+            name = qname or type(model).__name__
+            self._handles.append(mod.register_forward_pre_hook(partial(self._enter_module, name)))
+            self._handles.append(
+                mod.register_forward_hook(partial(self._exit_module, name), always_call=True)
+            )
+        for p in model.parameters():
+            if p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+
+    def _enter_module(self, name: str, _mod: nn.Module, _args: Any) -> None:
+        self._module_stack.append((name, torch._C._autograd._get_sequence_nr()))
+
+    def _exit_module(self, name: str, _mod: nn.Module, _args: Any, _out: Any) -> None:
+        if not self._module_stack or self._module_stack[-1][0] != name:
+            return  # unbalanced (an exception unwound a child): leave the stack alone
+        _, start = self._module_stack.pop()
+        end = torch._C._autograd._get_sequence_nr()
+        # Autograd nodes created during this call got sequence nrs in [start, end). Children
+        # finished first and own sub-ranges at the tail of `_segments`; this module fills the gaps.
+        segs = self._segments
+        i = len(segs)
+        while i > 0 and segs[i - 1][0] >= start:
+            i -= 1
+        filled: list[tuple[int, int, str]] = []
+        cursor = start
+        for seg in segs[i:]:
+            if seg[0] > cursor:
+                filled.append((cursor, seg[0], name))
+            filled.append(seg)
+            cursor = max(cursor, seg[1])
+        if cursor < end:
+            filled.append((cursor, end, name))
+        segs[i:] = filled
+        if len(segs) > self._max_segments:
+            del segs[: len(segs) // 2]
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        if p.grad is not None:
+            self._categorize(p.grad, Category.GRADIENTS, add_missing=False)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        self._categorize(t, Category.ACTIVATIONS, add_missing=False)
+        return t
+
+    def _install_optimizer_hooks(self, optimizer: torch.optim.Optimizer) -> None:
+        name = type(optimizer).__name__
+        self._handles.append(optimizer.register_step_pre_hook(partial(self._enter_step, name)))
+        self._handles.append(optimizer.register_step_post_hook(self._exit_step))
+
+    def _enter_step(self, name: str, optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        self._in_optimizer = name
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._categorize(p.grad, Category.GRADIENTS)
+
+    def _exit_step(self, optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        self._categorize_optimizer_state(optimizer)
+        self._in_optimizer = None
+
+    def _categorize_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        for state in optimizer.state.values():
+            for t in tree_leaves(state):
+                if isinstance(t, torch.Tensor):
+                    self._categorize(t, Category.OPTIMIZER_STATE)

@@ -1,0 +1,187 @@
+import json
+
+import pytest
+import torch
+
+import fitune
+from fitune.data.batching import synthetic_batch
+from fitune.errors import RunFolderError
+from fitune.recipe import Recipe
+from fitune.session import build_session
+from fitune.step import train_step
+
+from .conftest import TINY_LLAMA, tiny_recipe
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _changed(before, model):
+    return {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+def _learnable_batch(b: int = 2, t: int = 16):
+    """Targets follow from the input token alone (next id = id + 1), so a few steps can learn them."""
+    batch = synthetic_batch(b, t, TINY_LLAMA["vocab_size"])
+    batch.targets_BT = (batch.input_ids_BT + 1) % TINY_LLAMA["vocab_size"]
+    return batch
+
+
+@pytest.mark.parametrize("kind", ["lora", "qlora", "full"])
+def test_loss_falls_and_only_intended_weights_change(kind):
+    lr = 1e-2
+    r = Recipe.from_dict(
+        {
+            "model": {"config": TINY_LLAMA, "dtype": "fp32"},
+            "method": {"kind": kind, "r": 4},
+            "train": {"seq_len": 16, "batch_size": 2, "lr": lr, "precision": "fp32", "max_steps": 15},
+            "hardware": {"device": "cpu"},
+        }
+    )
+    s = build_session(r, with_tokenizer=False)
+    batch = _learnable_batch()
+    before = _snapshot(s.model)
+    losses = [float(train_step(s, [batch])) for _ in range(15)]
+    assert losses[-1] < 0.8 * losses[0]
+    changed = _changed(before, s.model)
+    trainable = {n for n, p in s.model.named_parameters() if p.requires_grad}
+    assert changed == trainable
+    if kind == "full":
+        assert trainable == set(before)
+    else:
+        assert trainable and all("lora_" in n for n in trainable)
+    if kind == "qlora":
+        import bitsandbytes as bnb
+
+        n4 = [m for m in s.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert len(n4) == 2 * 7  # every projection of both layers, the head excluded
+        assert n4[0].weight.quant_state.nested  # double quantization
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    r = Recipe.from_dict(
+        {
+            "model": {"config": TINY_LLAMA, "dtype": "fp32"},
+            "method": {"kind": "full"},
+            "train": {
+                "seq_len": 16,
+                "batch_size": 4,
+                "precision": "fp32",
+                "max_grad_norm": None,
+                "optimizer": "sgd",
+            },
+            "hardware": {"device": "cpu"},
+        }
+    )
+    big = synthetic_batch(4, 16, 260)
+    halves = [
+        type(big)(*(t[i : i + 2] for t in (big.input_ids_BT, big.attention_mask_BT, big.targets_BT)))
+        for i in (0, 2)
+    ]
+    s1, s2 = build_session(r, with_tokenizer=False), build_session(r, with_tokenizer=False)
+    l1 = train_step(s1, [big])
+    l2 = train_step(s2, halves)
+    assert torch.allclose(l1, l2, atol=1e-5)
+    for p1, p2 in zip(s1.model.parameters(), s2.model.parameters(), strict=True):
+        assert torch.allclose(p1, p2, atol=1e-5)
+
+
+def test_train_api_inline_config_losses_fall(tmp_path):
+    result = fitune.train(tiny_recipe(tmp_path), max_steps=20, progress=False, echo=lambda *a: None)
+    assert len(result.losses) == 20
+    assert sum(result.losses[-5:]) / 5 < 0.7 * sum(result.losses[:5]) / 5
+    assert result.tokens_per_second > 0
+    out = result.output_dir
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "recipe.resolved.yaml").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert json.loads((out / "fitune-run.json").read_text())["fitune_version"] == fitune.__version__
+    assert result.eval_losses[20] < result.eval_losses[0]
+
+
+def test_train_api_qlora_losses_fall(tmp_path):
+    recipe = tiny_recipe(tmp_path, method={"kind": "qlora"})
+    result = fitune.train(recipe, max_steps=20, progress=False, echo=lambda *a: None)
+    assert sum(result.losses[-5:]) / 5 < 0.7 * sum(result.losses[:5]) / 5
+
+
+def test_same_seed_same_losses(tmp_path):
+    a = fitune.train(
+        tiny_recipe(tmp_path / "a", output={"dir": str(tmp_path / "ra")}),
+        max_steps=6,
+        progress=False,
+        echo=lambda *a: None,
+    )
+    b = fitune.train(
+        tiny_recipe(tmp_path / "b", output={"dir": str(tmp_path / "rb")}),
+        max_steps=6,
+        progress=False,
+        echo=lambda *a: None,
+    )
+    assert a.losses == b.losses
+
+
+def test_adapter_save_load_gives_identical_logits(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe = Recipe.from_dict(tiny_recipe(tmp_path))
+    result = fitune.train(recipe, max_steps=5, progress=False, echo=lambda *a: None)
+    session = build_session(recipe, with_tokenizer=False)  # same seed: same base weights
+    base = session.causal_lm.get_base_model() if hasattr(session.causal_lm, "get_base_model") else None
+    assert base is None
+    torch.manual_seed(recipe.train.seed)
+    from fitune.models import sources
+
+    src = sources.resolve(recipe)
+    torch.manual_seed(recipe.train.seed)
+    fresh = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(fresh, str(result.output_dir / "adapter")).eval()
+    # rebuild the trained model from the run: same base init + trained adapter state
+    torch.manual_seed(recipe.train.seed)
+    trained = build_session(recipe, with_tokenizer=False)
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(
+        trained.model, load_file(str(result.output_dir / "adapter" / "adapter_model.safetensors"))
+    )
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        a = loaded(input_ids=ids).logits
+        b = trained.model.eval()(input_ids=ids).logits
+    assert torch.equal(a, b)
+
+
+def test_output_folder_with_another_run_is_refused(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    fitune.train(recipe, max_steps=1, progress=False, echo=lambda *a: None)
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        fitune.train(recipe, max_steps=1, progress=False, echo=lambda *a: None)
+    fitune.train(recipe, max_steps=1, progress=False, echo=lambda *a: None, overwrite=True)
+
+
+def test_qlora_gradients_unchanged_by_an_eval_pass():
+    """An eval pass must not switch bitsandbytes to its inference layout, which has no backward."""
+    from fitune.step import eval_loss, micro_batch_loss
+
+    r = Recipe.from_dict(
+        {
+            "model": {"config": TINY_LLAMA, "dtype": "bf16"},
+            "method": {"kind": "qlora", "r": 4},
+            "train": {"seq_len": 16, "batch_size": 2, "precision": "bf16"},
+            "hardware": {"device": "cpu"},
+        }
+    )
+    batch = _learnable_batch()
+    grads = []
+    for with_eval in (False, True):
+        s = build_session(r, with_tokenizer=False)
+        if with_eval:
+            eval_loss(s, [batch])
+        micro_batch_loss(s, batch, torch.tensor(32)).backward()
+        grads.append({n: p.grad.clone() for n, p in s.trainable_parameters})
+    for name, g in grads[0].items():
+        assert torch.equal(g, grads[1][name]), name
