@@ -34,6 +34,9 @@ class Session:
     device: torch.device
     compute_dtype: torch.dtype | None  # autocast dtype; None = no autocast
     tokenizer: Any = None
+    # fp16 autocast scales the loss against gradient underflow; the scaler reads an overflow flag on the host,
+    # so planning (fake tensors) runs without it and counts its few scalar tensors as nothing
+    grad_scaler: Any = None
     source: sources.ResolvedSource | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -199,8 +202,12 @@ def build_session(
     optimizer = build_optimizer(recipe, params)
     steps = total_steps or recipe.train.max_steps or 1
     scheduler = cosine_schedule(optimizer, recipe.train.warmup_steps, steps, recipe.train.min_lr_ratio)
+    scaler = None
+    if recipe.train.precision == "fp16" and not fake:
+        scaler = torch.amp.GradScaler(device.type)
     return Session(
         recipe=recipe,
+        grad_scaler=scaler,
         model=model,
         causal_lm=causal_lm,
         optimizer=optimizer,

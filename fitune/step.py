@@ -52,14 +52,21 @@ def train_step(session, batches: list[Batch]) -> torch.Tensor:
     """One optimizer step over ``batches`` (the gradient-accumulation group); returns the mean token loss."""
     n_targets = count_targets(batches)
     total = torch.zeros((), device=session.device)
+    scaler = session.grad_scaler
     for batch in batches:
         loss = micro_batch_loss(session, batch, n_targets)
-        loss.backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         total = total + loss.detach()
+    if scaler is not None:
+        scaler.unscale_(session.optimizer)
     max_norm = session.recipe.train.max_grad_norm
     if max_norm is not None:
         torch.nn.utils.clip_grad_norm_([p for _, p in session.trainable_parameters], max_norm)
-    session.optimizer.step()
+    if scaler is not None:
+        scaler.step(session.optimizer)  # skips the step when gradients overflowed
+        scaler.update()
+    else:
+        session.optimizer.step()
     session.scheduler.step()
     session.optimizer.zero_grad(set_to_none=True)
     return total

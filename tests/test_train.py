@@ -185,3 +185,45 @@ def test_qlora_gradients_unchanged_by_an_eval_pass():
         grads.append({n: p.grad.clone() for n, p in s.trainable_parameters})
     for name, g in grads[0].items():
         assert torch.equal(g, grads[1][name]), name
+
+
+@pytest.mark.parametrize("chunk", [5, "auto"])
+def test_chunked_loss_equals_plain_loss_and_gradients(chunk):
+    from fitune.step import micro_batch_loss
+
+    base = {
+        "model": {"config": TINY_LLAMA, "dtype": "fp32"},
+        "method": {"kind": "full"},
+        "train": {"seq_len": 16, "batch_size": 2, "precision": "fp32"},
+        "hardware": {"device": "cpu"},
+    }
+    batch = _learnable_batch()
+    batch.targets_BT[0, :5] = -100  # masked positions are skipped in both
+    results = []
+    for loss_chunk in (0, chunk):
+        r = Recipe.from_dict({**base, "train": {**base["train"], "loss_chunk": loss_chunk}})
+        s = build_session(r, with_tokenizer=False)
+        loss = micro_batch_loss(s, batch, torch.tensor(27))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in s.trainable_parameters}))
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, rtol=1e-5)
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_fp16_autocast_with_grad_scaler_trains_fp32_adapters():
+    r = Recipe.from_dict(
+        {
+            "model": {"config": TINY_LLAMA, "dtype": "fp16"},
+            "method": {"kind": "lora", "r": 4},
+            "train": {"seq_len": 16, "batch_size": 2, "lr": 1e-2, "precision": "fp16", "max_steps": 15},
+            "hardware": {"device": "cpu"},
+        }
+    )
+    s = build_session(r, with_tokenizer=False)
+    assert s.grad_scaler is not None
+    assert all(p.dtype == torch.float32 for _, p in s.trainable_parameters)
+    batch = _learnable_batch()
+    losses = [float(train_step(s, [batch])) for _ in range(15)]
+    assert losses[-1] < 0.5 * losses[0]

@@ -139,6 +139,40 @@ def fa2(ctx: DoctorContext) -> bool:
     return ctx.recipe.train.attention == "flash_attention_2"
 
 
+def settled_precision(ctx: DoctorContext) -> str:
+    """The precision every precision fix steers to, so that fixes applied together agree.
+
+    fp16 on a CPU -> fp32; a half type on a known GPU -> the GPU's half type (bf16 on Ampere+, else fp16);
+    QLoRA in fp32 on a GPU -> its half type; bf16-pure without bf16 support -> fp16; anything else stays.
+    """
+    precision = ctx.recipe.train.precision
+    if precision == "fp16" and on_cpu(ctx):
+        return "fp32"
+    if gpu(ctx) is not None and (precision in ("fp16", "bf16") or (precision == "fp32" and qlora(ctx))):
+        return half(ctx)
+    if precision == "bf16-pure" and not bf16_ok(ctx):
+        return "fp16"
+    return precision
+
+
+def settle(ctx: DoctorContext) -> Changes:
+    """Move train.precision to the settled one, and a LoRA base stored in a half type (any type for
+    QLoRA, whose fp32 leftovers waste memory) to the same half type."""
+    target = settled_precision(ctx)
+    changes: Changes = {"train.precision": target} if target != ctx.recipe.train.precision else {}
+    dtype = ctx.recipe.model.dtype
+    if adapters(ctx) and target in ("fp16", "bf16") and dtype != target and (dtype != "fp32" or qlora(ctx)):
+        changes["model.dtype"] = target
+    return changes
+
+
+def storage_like_compute(ctx: DoctorContext) -> Changes:
+    """``settle``, and base weights stored in the settled compute dtype."""
+    changes = settle(ctx)
+    changes.setdefault("model.dtype", COMPUTE[settled_precision(ctx)])
+    return changes
+
+
 def config(ctx: DoctorContext) -> dict[str, Any]:
     """The model's config.json (given, or the recipe's inline one); a multimodal text_config is merged in."""
     cfg = ctx.model_config if ctx.model_config is not None else ctx.recipe.model.config
@@ -292,6 +326,15 @@ def _embed_head_fp32(ctx: DoctorContext) -> str:
     return gib(2 * vocab * hidden * 4) + f" for the {vocab} x {hidden} embedding and head"
 
 
+def _names(targets: str | list[str]) -> str:
+    return ", ".join(targets) if isinstance(targets, list) else targets
+
+
+def _torch_build(ctx: DoctorContext) -> str:
+    cuda = ctx.env.cuda_version if ctx.env else None
+    return f"built for CUDA {cuda}" if cuda else "built without CUDA"
+
+
 def _known_or(value: Any) -> str:
     return "unknown" if value is None else str(value)
 
@@ -313,7 +356,7 @@ FACTS: dict[str, Callable[[DoctorContext], Any]] = {
     "loss_chunk": lambda c: c.recipe.train.loss_chunk,
     "num_devices": lambda c: c.recipe.hardware.num_devices,
     "device": lambda c: c.recipe.hardware.device,
-    "targets": lambda c: c.recipe.method.targets,
+    "targets": lambda c: _names(c.recipe.method.targets),
     "known_targets": lambda c: ", ".join((target_split(c) or ([], []))[0]),
     "unknown_targets": lambda c: ", ".join((target_split(c) or ([], []))[1]),
     "layer_names": lambda c: ", ".join(LAYER_NAMES.get(model_type(c), ())) + ", lm_head",
@@ -323,12 +366,14 @@ FACTS: dict[str, Callable[[DoctorContext], Any]] = {
         examples(c) or 0, c.recipe.data.eval_fraction if c.recipe.data else 0
     ),
     "min_eval": lambda c: MIN_EVAL_EXAMPLES,
+    "eval_needed": lambda c: f"{eval_fraction_for(examples(c) or SMALL_DATA):g}",
     "target": _target_name,
     "cc": _cc_text,
     "env_device": lambda c: c.env.device_type if c.env else "unknown",
     "visible": lambda c: c.env.num_devices if c.env else "unknown",
     "torch": lambda c: c.env.torch_version if c.env else "unknown",
     "cuda": lambda c: _known_or(c.env.cuda_version if c.env else None),
+    "torch_build": _torch_build,
     "bnb": lambda c: _known_or(c.env.bitsandbytes_version if c.env else None),
     "flash_attn": lambda c: _known_or(c.env.flash_attn_version if c.env else None),
     "head_dim": lambda c: _known_or(head_dim(c)),
@@ -340,6 +385,7 @@ FACTS: dict[str, Callable[[DoctorContext], Any]] = {
     "softcap": lambda c: f"{softcap(c):g}" if softcap(c) else "none",
     "compute": compute,
     "half": half,
+    "settled": settled_precision,
     "embed_head_fp32": _embed_head_fp32,
     "peak": lambda c: gib(c.planned_peak_bytes),
     "free": lambda c: gib(c.env.free_memory_bytes if c.env else None),
@@ -359,25 +405,6 @@ class Facts(dict):
         value = FACTS[key](self.ctx)
         self[key] = value
         return value
-
-
-# --- fixes that depend on the context ------------------------------------------------------------------------
-
-
-def to_half(ctx: DoctorContext) -> Changes:
-    """Compute in the target's half type, and store a LoRA base in the same type when it is a half type."""
-    h = half(ctx)
-    changes: Changes = {"train.precision": h}
-    if adapters(ctx) and ctx.recipe.model.dtype in ("fp16", "bf16") and ctx.recipe.model.dtype != h:
-        changes["model.dtype"] = h
-    return changes
-
-
-def weights_like_compute(ctx: DoctorContext) -> Changes:
-    """Store weights in the compute dtype; when computing in fp32, move both to the target's half type."""
-    if ctx.recipe.train.precision == "fp32":
-        return {"train.precision": half(ctx), "model.dtype": half(ctx)}
-    return {"model.dtype": compute(ctx)}
 
 
 # --- sources (shared/error-catalog.md entries, plus a few public threads for recipe sanity rules) -----------
@@ -611,8 +638,8 @@ RULES: list[Rule] = [
         applies=lambda c: adapters(c) and c.recipe.model.dtype == "fp16" and on_cpu(c),
         message="model.dtype is fp16 and the run is on the CPU, where fp16 matmuls are slow or missing "
         "('not implemented for Half')",
-        fix={"model.dtype": "fp32"},
-        fix_text="set model.dtype: fp32 (or bf16 to halve memory on a CPU with bf16 support)",
+        fix=lambda c: {"model.dtype": "bf16" if settled_precision(c) == "bf16" else "fp32"},
+        fix_text="set model.dtype: fp32, or bf16 when training in bf16",
         source=A6_HALF_ON_CPU,
     ),
     Rule(
@@ -624,8 +651,8 @@ RULES: list[Rule] = [
             and c.env is not None
             and not on_cuda(c)
         ),
-        message="hardware.device is {device}, but torch {torch} sees no CUDA device here (torch.version.cuda "
-        "is {cuda}): a CPU-only torch build, a runtime without a GPU, or a driver that failed to load",
+        message="hardware.device is {device}, but torch {torch} ({torch_build}) sees no CUDA device here: "
+        "a CPU-only torch build, a machine or runtime without a GPU, or a driver that failed to load",
         fix=None,
         fix_text="install a CUDA build of torch and check `nvidia-smi`; or set hardware.device: cpu to train "
         "here, or a catalog GPU name (t4, a100-80gb) to plan only",
@@ -649,7 +676,7 @@ RULES: list[Rule] = [
         applies=lambda c: c.recipe.train.precision == "fp16" and gpu(c) is not None and gpu(c).bf16,
         message="train.precision is fp16 on {target}, which supports bf16; fp16's narrow range (max about "
         "65504) lets activations overflow into NaN or a zero loss, which bf16 avoids at the same memory",
-        fix=to_half,
+        fix=settle,
         fix_text="set train.precision: bf16 (and model.dtype: bf16 for a LoRA base stored in fp16)",
         source=E2_FP16_OVERFLOW,
     ),
@@ -683,8 +710,8 @@ RULES: list[Rule] = [
         ),
         message="model.dtype is {dtype} but train.precision is {precision}: every matmul re-casts the "
         "frozen weights, and code outside autocast (eval, sampling) meets mixed half types",
-        fix=lambda c: {"model.dtype": half(c), "train.precision": half(c)},
-        fix_text="use one half type for both: model.dtype: {half} and train.precision: {half}",
+        fix=settle,
+        fix_text="use one type for both: model.dtype and train.precision: {settled}",
         source=E4_DTYPE_MIX,
     ),
     # bitsandbytes
@@ -755,11 +782,11 @@ RULES: list[Rule] = [
         id="qlora-fp32-compute",
         severity="warning",
         title="QLoRA computing in fp32",
-        applies=lambda c: qlora(c) and c.recipe.train.precision == "fp32",
+        applies=lambda c: qlora(c) and c.recipe.train.precision == "fp32" and gpu(c) is not None,
         message="method.kind is qlora with train.precision fp32, so the NF4 layers dequantize to fp32 and "
         "miss the fast half-precision kernels: steps run several times slower",
-        fix=to_half,
-        fix_text="set train.precision: {half}",
+        fix=settle,
+        fix_text="set train.precision: {settled}, with model.dtype to match",
         source=E6_BNB_FP32_COMPUTE,
     ),
     Rule(
@@ -767,12 +794,12 @@ RULES: list[Rule] = [
         severity="warning",
         title="QLoRA keeping its unquantized weights in fp32",
         applies=lambda c: (
-            qlora(c) and c.recipe.model.dtype == "fp32" and c.recipe.train.precision != "bf16-pure"
+            qlora(c) and c.recipe.model.dtype == "fp32" and settled_precision(c) in ("fp16", "bf16")
         ),
         message="method.kind is qlora with model.dtype fp32: the layers NF4 leaves alone (embeddings, norms, "
         "head) stay in fp32, {embed_head_fp32}, eating much of what 4-bit saved",
-        fix=lambda c: weights_like_compute(c),
-        fix_text="set model.dtype to the compute dtype ({half} on this target)",
+        fix=settle,
+        fix_text="set model.dtype: {settled}, the compute dtype",
         source=F9_KBIT_UPCAST + E6_BNB_FP32_COMPUTE[:1],
     ),
     # sharding (FSDP2 over hardware.num_devices)
@@ -806,13 +833,13 @@ RULES: list[Rule] = [
             qlora(c)
             and sharded(c)
             and c.recipe.train.precision != "bf16-pure"
-            and c.recipe.model.dtype != compute(c)
+            and c.recipe.model.dtype != COMPUTE[settled_precision(c)]
         ),
         message="QLoRA on {num_devices} devices shards the 4-bit weights with FSDP, which needs their "
         "storage to be one float dtype shared by every weight in a unit; model.dtype {dtype} differs from "
         "the compute dtype {compute}, so units would mix dtypes and fail to flatten",
-        fix=weights_like_compute,
-        fix_text="store and compute in one type: model.dtype equal to train.precision ({half} here)",
+        fix=storage_like_compute,
+        fix_text="store and compute in one type: model.dtype and train.precision {settled}",
         source=G1_FSDP_QLORA,
     ),
     # LoRA settings
@@ -843,10 +870,10 @@ RULES: list[Rule] = [
         severity="warning",
         title="Some LoRA targets name no layer of this architecture",
         applies=lambda c: (split := target_split(c)) is not None and bool(split[0]) and bool(split[1]),
-        message="method.targets {unknown_targets} name no layer of a {model_type} model; peft skips them "
-        "silently and adapts only {known_targets}",
+        message="the method.targets entries {unknown_targets} match no layer of a {model_type} model; peft "
+        "ignores them without a word and adapts only {known_targets}",
         fix=lambda c: {"method.targets": target_split(c)[0]},
-        fix_text="drop {unknown_targets}, or replace them with names from: {layer_names}",
+        fix_text="drop {unknown_targets}, or replace with names from: {layer_names}",
         source=F8_TARGETS,
     ),
     Rule(
@@ -978,7 +1005,7 @@ RULES: list[Rule] = [
         message="data.eval_fraction is 0 on a dataset of {examples} lines: with this little data the model "
         "overfits quickly, and without an eval loss nothing shows when it starts",
         fix=lambda c: {"data.eval_fraction": eval_fraction_for(examples(c))},
-        fix_text="hold out a share for the eval loss, e.g. data.eval_fraction: 0.1",
+        fix_text="hold out a share for the eval loss: data.eval_fraction: {eval_needed}",
         source=EVAL_SPLIT,
     ),
     Rule(
@@ -995,7 +1022,7 @@ RULES: list[Rule] = [
         message="data.eval_fraction {eval_fraction} of {examples} lines holds out {eval_examples} "
         "example(s): an eval loss over so few is noise and cannot show overfitting",
         fix=lambda c: {"data.eval_fraction": eval_fraction_for(examples(c))},
-        fix_text="raise data.eval_fraction so at least {min_eval} examples are held out",
+        fix_text="set data.eval_fraction: {eval_needed} to hold out at least {min_eval} examples",
         source=EVAL_SPLIT,
     ),
     # gradient checkpointing

@@ -297,13 +297,16 @@ class MemoryTracker(TorchDispatchMode):
             pairs = ((returns[0], out),)
         else:
             pairs = zip(returns, out, strict=True)
+        produced = False
         for ret, value in pairs:
             # A view or in-place result is no new allocation.
             aliased = ret.alias_info is not None and func not in _FRESH
             for t in tree_leaves(value):
                 if isinstance(t, torch.Tensor):
+                    produced = True
                     self._on_output(t, aliased)
-        self._note(str(func))
+        if produced:  # metadata queries (prim.device under FakeTensorMode, sym_size...) are no events
+            self._note(str(func))
         return out
 
     # ------------------------------------------------------------------ bookkeeping
