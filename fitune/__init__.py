@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from fitune.recipe import Recipe
     from fitune.trainer.loop import TrainResult
 
-__all__ = ["Recipe", "TrainResult", "train", "__version__"]
+__all__ = ["Recipe", "TrainResult", "doctor", "train", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -34,6 +34,13 @@ def train(recipe, max_steps: int | None = None, **kwargs):
     from fitune.trainer.loop import train as _train
 
     return _train(_as_recipe(recipe), max_steps=max_steps, **kwargs)
+
+
+def doctor(recipe, **kwargs):
+    """Preflight checks of a recipe against this machine (or the catalog GPU it names): list of findings."""
+    from fitune.preflight import doctor as _doctor
+
+    return _doctor(_as_recipe(recipe), **kwargs)
 
 
 def _as_recipe(recipe):

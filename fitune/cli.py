@@ -53,6 +53,7 @@ def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
     overwrite: bool = typer.Option(False, help="Replace a previous run in output.dir."),
+    force: bool = typer.Option(False, help="Train even when the preflight doctor reports errors."),
     no_progress: bool = typer.Option(
         False, "--no-progress", help="Plain log lines instead of a progress bar."
     ),
@@ -63,7 +64,17 @@ def train(
     quiet_libraries()
     try:
         r = _load(recipe)
+        from fitune.preflight import doctor as run_doctor
         from fitune.trainer.loop import train as run_train
+
+        findings = run_doctor(r, training=True)
+        if findings:
+            _print_findings(findings)
+        if any(f.severity == "error" for f in findings) and not force:
+            err_console.print(
+                "preflight found errors: fix the recipe (`fitune doctor --fix`) or pass --force"
+            )
+            raise typer.Exit(EXIT_DOCTOR)
 
         result = run_train(
             r, max_steps=max_steps, overwrite=overwrite, progress=not no_progress, echo=console.print
@@ -89,6 +100,69 @@ def train(
     console.print(
         f"done: {result.steps} steps, {result.tokens_per_second:,.0f} tokens/s; saved in {result.output_dir}"
     )
+
+
+def _print_findings(findings) -> None:
+    if not findings:
+        console.print("[green]no problems found[/]")
+        return
+    for f in findings:
+        color = "red" if f.severity == "error" else "yellow"
+        console.print(f"[bold {color}]{f.severity}[/] [{f.rule_id}]", end=" ", highlight=False)
+        console.print(f.message, markup=False, highlight=False)
+        console.print(f"    fix: {f.fix_text}", markup=False, highlight=False)
+        if f.fix:
+            change = ", ".join(f"{k}: {v}" for k, v in f.fix.items())
+            console.print(f"    recipe change: {change}", markup=False, highlight=False)
+        console.print(f"    source: {' '.join(f.source)}", markup=False, highlight=False)
+
+
+@app.command()
+def doctor(
+    recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML file."),
+    fix: bool = typer.Option(False, "--fix", help="Write a corrected recipe where the fix is unambiguous."),
+    out: Optional[Path] = typer.Option(None, help="Where --fix writes (default: RECIPE.fixed.yaml)."),
+    list_rules: bool = typer.Option(False, "--list", help="List every rule: id, severity, source."),
+) -> None:
+    """Check a recipe and this machine (or the catalog GPU it names) for known failures before launch."""
+    from fitune.preflight import apply_fixes
+    from fitune.preflight import doctor as run_doctor
+    from fitune.preflight import list_rules as all_rules
+
+    if list_rules:
+        rules = all_rules()
+        console.print(f"{len(rules)} rules ({sum(r.severity == 'error' for r in rules)} errors)")
+        for r in rules:
+            console.print(
+                f"{r.id}  {r.severity}  {' '.join(r.source)}", markup=False, highlight=False, soft_wrap=True
+            )
+            console.print(f"    {r.title}", markup=False, highlight=False)
+        return
+    if recipe is None:
+        _fail(FituneError("give a recipe file (or --list)"), EXIT_ERROR)
+    try:
+        r = _load(recipe)
+        findings = run_doctor(r)
+    except RecipeError as exc:
+        _fail(exc, EXIT_INVALID_RECIPE)
+    except FituneError as exc:
+        _fail(exc)
+    _print_findings(findings)
+    errors = [f for f in findings if f.severity == "error"]
+    if fix:
+        fixed, diff = apply_fixes(r, findings)
+        target = out or recipe.with_name(recipe.stem + ".fixed.yaml")
+        if not diff:
+            console.print("nothing to fix automatically")
+        else:
+            console.print("\n".join(line.rstrip("\n") for line in diff), markup=False, highlight=False)
+            target.write_text(fixed.to_yaml())
+            console.print(f"wrote {target}")
+            remaining = [f for f in run_doctor(fixed) if f.severity == "error"]
+            console.print(f"{len(remaining)} error(s) remain in the corrected recipe")
+        return
+    if errors:
+        raise typer.Exit(EXIT_DOCTOR)
 
 
 def main() -> None:

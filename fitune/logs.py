@@ -16,6 +16,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module="bitsandbytes")
     warnings.filterwarnings("ignore", module="peft")
     warnings.filterwarnings("ignore", message=".*kernels.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     try:
         from transformers.utils import logging as hf_logging
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 
-from fitune.doctor import DoctorContext, Finding, apply_fixes, list_rules, run_rules
+from fitune.preflight import DoctorContext, Finding, apply_fixes, list_rules, run_rules
 from fitune.recipe import Recipe
 
 GIB = 2**30
@@ -473,5 +473,5 @@ def test_one_pass_of_fixes_leaves_nothing_fixable(env_name):
 
 
 def test_import_does_not_load_torch():
-    code = "import sys, fitune.doctor; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, fitune.preflight; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

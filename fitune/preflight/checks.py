@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fitune.doctor.rules import RULES, Facts, Rule, gh, on_cuda, real
+from fitune.preflight.rules import RULES, Facts, Rule, gh, on_cuda, real
 
 if TYPE_CHECKING:
     from fitune.hardware.detect import Environment

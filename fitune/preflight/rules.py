@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from fitune.doctor.checks import DoctorContext
+    from fitune.preflight.checks import DoctorContext
 
 Severity = Literal["error", "warning"]
 Changes = dict[str, Any]

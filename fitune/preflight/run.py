@@ -1,0 +1,48 @@
+"""The doctor as fitune runs it: detect (or simulate) the environment, read the model's config, check."""
+
+from __future__ import annotations
+
+from fitune.errors import FituneError
+from fitune.preflight.checks import DoctorContext, Finding, run_rules
+
+
+def environment_for(recipe, *, training: bool = False):
+    """The environment a recipe will meet.
+
+    Planning for a catalog GPU simulates that GPU; training always meets this machine's real device. A CUDA
+    request on a machine without CUDA is described as the CPU, so the rule about it can report it.
+    """
+    from fitune.hardware.detect import detect_environment
+
+    device = recipe.hardware.device
+    if training and device not in ("auto", "cpu") and not device.startswith("cuda"):
+        device = "cuda"
+    try:
+        return detect_environment(device)
+    except FituneError:
+        if device.startswith("cuda"):
+            return detect_environment("cpu")
+        raise
+
+
+def model_config_of(recipe) -> dict | None:
+    """The model's config as a dict, without loading weights (None when it cannot be resolved cheaply)."""
+    from fitune.models import sources
+
+    try:
+        return sources.resolve(recipe, need_weights=False).config.to_dict()
+    except FituneError:
+        return None
+
+
+def doctor(
+    recipe, *, env=None, planned_peak_bytes: int | None = None, training: bool = False
+) -> list[Finding]:
+    """Check a recipe against its environment; findings come errors first."""
+    ctx = DoctorContext(
+        recipe=recipe,
+        env=env if env is not None else environment_for(recipe, training=training),
+        model_config=model_config_of(recipe),
+        planned_peak_bytes=planned_peak_bytes,
+    )
+    return run_rules(ctx)
