@@ -107,7 +107,9 @@ def build_model(
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
         except (ImportError, ValueError) as exc:
             raise FituneError(f"cannot build {source.description} with attention={attn}: {exc}") from None
-    return model.to(device)
+    if device.type != "cpu":  # built on the CPU; fake tensors stay there (they cannot be moved in place)
+        model = model.to(device)
+    return model
 
 
 def apply_method(recipe: Recipe, model: nn.Module, device: torch.device) -> nn.Module:

@@ -40,10 +40,8 @@ def _recipe(model: dict, kind: str = "full") -> Recipe:
 def _tiny_llama(seed: int = 0, **overrides):
     from transformers import AutoModelForCausalLM
 
-    from fitune.models.sources import config_from_dict
-
     torch.manual_seed(seed)
-    config = config_from_dict({**TINY_LLAMA, **overrides}, where="test")
+    config = sources.config_from_dict({**TINY_LLAMA, **overrides}, where="test")
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
@@ -181,6 +179,65 @@ def test_folder_with_custom_code_needs_trust_remote_code(tmp_path):
     assert src.kind == "folder" and src.config.hidden_size == 64
 
 
+CUSTOM_CONFIG_PY = """
+from transformers import LlamaConfig
+
+
+class TinyCustomConfig(LlamaConfig):
+    model_type = "tinycustom"
+"""
+
+CUSTOM_MODELING_PY = """
+from transformers import LlamaForCausalLM
+
+from .configuration_tinycustom import TinyCustomConfig
+
+
+class TinyCustomForCausalLM(LlamaForCausalLM):
+    config_class = TinyCustomConfig
+"""
+
+
+@pytest.fixture
+def modules_cache(tmp_path, monkeypatch):
+    """Where transformers copies trusted model code: a temp dir, and sys.path/sys.modules restored after."""
+    import sys
+
+    import transformers.dynamic_module_utils as dmu
+
+    monkeypatch.setattr(dmu, "HF_MODULES_CACHE", str(tmp_path / "hf-modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if name.startswith("transformers_modules"):
+            del sys.modules[name]
+
+
+def test_folder_with_custom_model_type_loads_with_trust_remote_code(tmp_path, modules_cache):
+    """A checkpoint whose model_type only its own code knows: refused by default, loaded when trusted."""
+    folder = tmp_path / "tinycustom"
+    saved = _save_folder(folder, seed=5)
+    data = json.loads((folder / "config.json").read_text())
+    data["model_type"] = "tinycustom"
+    data["architectures"] = ["TinyCustomForCausalLM"]
+    data["auto_map"] = {
+        "AutoConfig": "configuration_tinycustom.TinyCustomConfig",
+        "AutoModelForCausalLM": "modeling_tinycustom.TinyCustomForCausalLM",
+    }
+    (folder / "config.json").write_text(json.dumps(data))
+    (folder / "configuration_tinycustom.py").write_text(CUSTOM_CONFIG_PY)
+    (folder / "modeling_tinycustom.py").write_text(CUSTOM_MODELING_PY)
+    with pytest.raises(ModelSourceError, match="trust_remote_code: true"):
+        sources.resolve(_recipe({"source": str(folder)}))
+    r = _recipe({"source": str(folder), "trust_remote_code": True})
+    src = sources.resolve(r)
+    assert src.config.model_type == "tinycustom" and src.config.hidden_size == 64
+    s = build_session(r)
+    assert type(s.causal_lm).__name__ == "TinyCustomForCausalLM"
+    assert torch.equal(_logits(s.causal_lm), _logits(saved))
+
+
 # --- 4. a .gguf file ----------------------------------------------------------------------------------------
 
 GGUF_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -195,8 +252,11 @@ def _llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_gguf(path: Path, model) -> None:
-    """Write ``model`` (a tiny LlamaForCausalLM, untied head) as an all-F32 llama GGUF with a gpt2 BPE vocab."""
+def _write_gguf(path: Path, model, q8_0: tuple[str, ...] = ()) -> None:
+    """Write ``model`` (a tiny LlamaForCausalLM, untied head) as a llama GGUF with a gpt2 BPE vocab.
+
+    Tensors are F32, except those whose GGUF name ends with one of ``q8_0`` (stored as Q8_0 blocks).
+    """
     import gguf
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -220,7 +280,7 @@ def _write_gguf(path: Path, model) -> None:
     w.add_rope_freq_base(10000.0)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_vocab_size(GGUF_VOCAB)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8_0 else gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
@@ -233,7 +293,12 @@ def _write_gguf(path: Path, model) -> None:
     sd = model.state_dict()
 
     def put(name: str, t: torch.Tensor) -> None:
-        w.add_tensor(name, t.detach().to(torch.float32).numpy().copy())
+        data = t.detach().to(torch.float32).numpy().copy()
+        if name.endswith(q8_0):
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(name, gguf.quants.quantize(data, q8), raw_dtype=q8)
+        else:
+            w.add_tensor(name, data)
 
     put("token_embd.weight", sd["model.embed_tokens.weight"])
     put("output_norm.weight", sd["model.norm.weight"])
@@ -258,20 +323,27 @@ def _write_gguf(path: Path, model) -> None:
 
 
 @pytest.fixture
-def tiny_gguf(tmp_path):
+def own_cache(tmp_path, monkeypatch):
+    """A fitune cache of this test's own, so conversions never land in a shared FITUNE_CACHE."""
+    monkeypatch.setenv("FITUNE_CACHE", str(tmp_path / "fitune-cache"))
+    return tmp_path / "fitune-cache"
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path, own_cache):
     model = _tiny_llama(seed=3, vocab_size=GGUF_VOCAB, tie_word_embeddings=False, initializer_range=0.02)
     path = tmp_path / "tiny-f32.gguf"
     _write_gguf(path, model)
     return path, model
 
 
-def test_gguf_is_converted_once_into_the_cache(tiny_gguf, monkeypatch):
+def test_gguf_is_converted_once_into_the_cache(tiny_gguf, own_cache, monkeypatch):
     path, original = tiny_gguf
     r = _recipe({"source": str(path), "dtype": "bf16"}, kind="lora")
     src = sources.resolve(r)
     assert src.kind == "gguf"
     folder = src.weights_dir
-    assert folder is not None and folder.parent == sources.cache_dir() / "gguf"
+    assert folder is not None and folder.parent == sources.cache_dir() / "gguf" == own_cache / "gguf"
     assert folder.name.startswith("tiny-f32-bf16-")
     assert (folder / "config.json").is_file() and list(folder.glob("*.safetensors"))
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
@@ -330,6 +402,24 @@ def test_gguf_fp32_matches_the_source_model_and_caches_per_dtype(tiny_gguf):
     torch.testing.assert_close(_logits(s.causal_lm), _logits(original), rtol=1e-5, atol=1e-5)
 
 
+def test_quantized_gguf_tensors_are_dequantized_into_dense_weights(tmp_path, own_cache):
+    model = _tiny_llama(seed=3, vocab_size=GGUF_VOCAB, tie_word_embeddings=False)
+    path = tmp_path / "tiny-q8.gguf"
+    _write_gguf(path, model, q8_0=("ffn_up.weight", "attn_q.weight"))
+    src = sources.resolve(_recipe({"source": str(path)}))
+    s = build_session(_recipe({"source": str(path)}), source=src, with_tokenizer=False)
+    for i in range(2):
+        for name in (f"model.layers.{i}.mlp.up_proj.weight", f"model.layers.{i}.self_attn.q_proj.weight"):
+            got = s.causal_lm.get_parameter(name)
+            want = model.get_parameter(name)
+            assert got.dtype == torch.float32 and got.shape == want.shape
+            scale = want.abs().max().item()
+            assert not torch.equal(got, want)  # went through Q8_0 ...
+            torch.testing.assert_close(got, want, rtol=0, atol=scale / 100)  # ... and came back dense
+        name = f"model.layers.{i}.mlp.down_proj.weight"
+        assert torch.equal(s.causal_lm.get_parameter(name), model.get_parameter(name))
+
+
 def test_changed_gguf_file_is_converted_again(tiny_gguf):
     path, _ = tiny_gguf
     r = _recipe({"source": str(path)})
@@ -341,7 +431,7 @@ def test_changed_gguf_file_is_converted_again(tiny_gguf):
     assert second.weights_dir != first and second.config.num_hidden_layers == 1
 
 
-def test_missing_or_broken_gguf_is_reported(tmp_path):
+def test_missing_or_broken_gguf_is_reported(tmp_path, own_cache):
     with pytest.raises(ModelSourceError, match="GGUF file not found"):
         sources.resolve(_recipe({"source": str(tmp_path / "missing.gguf")}))
     bad = tmp_path / "bad.gguf"

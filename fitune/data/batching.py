@@ -17,20 +17,22 @@ from fitune.data.dataset import IGNORE, Example
 @dataclass
 class Batch:
     input_ids_BT: torch.Tensor
-    attention_mask_BT: torch.Tensor
+    attention_mask_BT: torch.Tensor | None  # None when no row is padded: attention then needs no mask tensor
     targets_BT: torch.Tensor  # next-token ids where the loss applies, IGNORE elsewhere (incl. padding)
 
     @property
     def num_tokens(self) -> int:
         """Non-padding tokens (a host-side count for throughput; not used inside the step)."""
+        if self.attention_mask_BT is None:
+            return self.input_ids_BT.numel()
         return int(self.attention_mask_BT.sum())
 
     def to(self, device) -> Batch:
+        mask = self.attention_mask_BT
         return Batch(
-            *(
-                t.to(device, non_blocking=True)
-                for t in (self.input_ids_BT, self.attention_mask_BT, self.targets_BT)
-            )
+            self.input_ids_BT.to(device, non_blocking=True),
+            None if mask is None else mask.to(device, non_blocking=True),
+            self.targets_BT.to(device, non_blocking=True),
         )
 
 
@@ -49,7 +51,8 @@ def collate(examples: list[Example], pad_id: int, pad_to: int | None = None) -> 
         nxt = torch.tensor(ex.input_ids[1:])
         keep = torch.tensor(ex.loss_mask[1:], dtype=torch.bool)
         targets[i, :n] = torch.where(keep, nxt, torch.full_like(nxt, IGNORE))
-    return Batch(ids, mask, targets)
+    padded = any(len(ex.input_ids) - 1 < width for ex in examples)
+    return Batch(ids, mask if padded else None, targets)
 
 
 def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, device="cpu") -> Batch:
@@ -57,7 +60,7 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, device="cpu"
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=gen)
     targets = torch.randint(0, vocab_size, (batch_size, seq_len), generator=gen)
-    return Batch(ids, torch.ones_like(ids), targets).to(device)
+    return Batch(ids, None, targets).to(device)
 
 
 class MicroBatches:

@@ -33,9 +33,9 @@ class CpuMeasurement:
     peak_bytes_relative: int  # peak of live bytes allocated during fn, relative to the start
     preexisting_bytes: int  # live before fn and touched by it
     end_bytes_relative: int  # live at the end, relative to the start
-    breakdown_at_peak: dict[
-        str, int
-    ]  # profiler category name -> bytes, incl. pre-existing; sums to peak_bytes
+    # Profiler category name (PARAMETER, GRADIENT, ... UNKNOWN) -> bytes at the peak, pre-existing
+    # allocations included; the values sum to peak_bytes.
+    breakdown_at_peak: dict[str, int]
     result: Any = None  # what the profiled call of fn returned
 
 

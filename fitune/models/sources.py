@@ -172,7 +172,16 @@ def _from_folder(recipe, path: Path, *, kind: str, label: str) -> ResolvedSource
             f"model.source: {path} needs custom model code (auto_map in config.json), which fitune does not run "
             "unless asked; fix: set model.trust_remote_code: true if you trust that code"
         )
-    config = config_from_dict(data, where=str(path / "config.json"))
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    if data.get("auto_map") and data.get("model_type") not in CONFIG_MAPPING:
+        # trusted code with a model_type of its own: only the checkpoint's config class can read it
+        try:
+            config = AutoConfig.from_pretrained(str(path), trust_remote_code=True, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - custom code can raise anything
+            raise ModelSourceError(f"model.source: cannot load the custom config of {path}: {exc}") from None
+    else:
+        config = config_from_dict(data, where=str(path / "config.json"))
     tok = _tokenizer_source(recipe, str(path) if _has_tokenizer(path) else None)
     return ResolvedSource(kind, config, path, tok, label)
 
@@ -237,6 +246,13 @@ def convert_gguf(gguf: Path, folder: Path, dtype: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:  # newer transformers keep GGUF weights packed where a GGUF kernel exists, and would save them packed
+        from transformers import GgufConfig
+
+        dense = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:  # older ones always dequantize
+        dense = {}
+
     print(
         f"fitune: converting {gguf.name} to {dtype} safetensors (once; cached in {folder.parent})",
         file=sys.stderr,
@@ -247,7 +263,10 @@ def convert_gguf(gguf: Path, folder: Path, dtype: str) -> None:
         try:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, TORCH_DTYPES[dtype])
+                str(gguf.parent),
+                gguf_file=gguf.name,
+                dtype=getattr(torch, TORCH_DTYPES[dtype]),
+                **dense,
             )
         except Exception as exc:  # noqa: BLE001 - transformers raises many types for unreadable GGUF
             raise ModelSourceError(f"model.source: cannot read GGUF file {gguf}: {exc}") from None

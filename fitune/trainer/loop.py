@@ -263,7 +263,9 @@ def train(
 
 
 def _progress(enabled: bool):
-    if not enabled:
+    from rich.console import Console
+
+    if not enabled or not Console().is_terminal:  # logs and pipes get plain lines instead
         return None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

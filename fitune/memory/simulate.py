@@ -1,0 +1,161 @@
+"""Simulate a run on fake tensors: build the session and run the training step under the tracker.
+
+Nothing here models memory by formula: the session builder and ``train_step`` are the ones training uses,
+running inside ``FakeTensorMode`` (shapes and dtypes only), and the tracker records every storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fitune.errors import PlanError
+
+PHASES = ("load", "first_step", "steady_step")
+
+
+@dataclass
+class Simulation:
+    """What one fake run recorded; byte figures are after the device's allocator rounding."""
+
+    num_layers: int
+    phase_peaks: dict[str, int]
+    peak_bytes: int
+    peak_phase: str
+    peak_op: str
+    peak_module: str
+    peak_stage: str
+    breakdown: dict[str, int]  # category -> bytes at the peak
+    phase_breakdowns: dict[str, dict[str, int]]
+    timeline: list[dict] = field(
+        default_factory=list
+    )  # steady step: event, op, module, live bytes by category
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def _fitune_never_packs():
+    """fitune never packs several sequences into one row, and a real run finds that out by reading the
+    position ids; fake tensors cannot be read, so transformers would assume packing and build a full mask.
+    Tell it what the real run finds."""
+    from transformers import masking_utils
+
+    original = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
+
+
+@contextlib.contextmanager
+def _fake_params_move_in_place():
+    """``module.to()`` swaps a fake parameter with its converted copy, which fake tensors refuse (the fake
+    mode keeps weak references to them); on fake tensors, assigning the converted data is the same move."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    original = torch.utils.swap_tensors
+
+    def swap(t1, t2):
+        if isinstance(t1, FakeTensor):
+            with torch.no_grad():
+                t1.data = t2.data
+            return
+        original(t1, t2)
+
+    torch.utils.swap_tensors = swap
+    try:
+        yield
+    finally:
+        torch.utils.swap_tensors = original
+
+
+def with_layers(config, num_layers: int):
+    """A copy of ``config`` with ``num_layers`` decoder layers (per-layer lists cut to match)."""
+    cfg = copy.deepcopy(config)
+    cfg.num_hidden_layers = num_layers
+    layer_types = getattr(cfg, "layer_types", None)
+    if isinstance(layer_types, list):
+        cfg.layer_types = layer_types[:num_layers]
+    return cfg
+
+
+def simulate(recipe, *, source=None, num_layers: int | None = None, round_bytes=None) -> Simulation:
+    """Run load + two training steps of ``recipe`` on fake tensors; ``num_layers`` overrides the depth."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fitune.data.batching import synthetic_batch
+    from fitune.memory.tracker import MemoryTracker
+    from fitune.models import sources
+    from fitune.session import build_session
+    from fitune.step import train_step
+
+    if source is None:
+        source = sources.resolve(recipe, need_weights=False)
+    depth = num_layers if num_layers is not None else source.config.num_hidden_layers
+    src = copy.copy(source)
+    src.config = with_layers(source.config, depth)
+    src.weights_dir = None
+    t = recipe.train
+    tracker = MemoryTracker(round_bytes=round_bytes or (lambda n: n))
+    start = time.perf_counter()
+    try:
+        with (
+            FakeTensorMode(allow_non_fake_inputs=True),
+            _fitune_never_packs(),
+            _fake_params_move_in_place(),
+            tracker,
+        ):
+            with tracker.phase("load"):
+                session = build_session(recipe, fake=True, device="cpu", source=src, with_tokenizer=False)
+            tracker.register_model(session.model)
+            tracker.register_optimizer(session.optimizer)
+            for phase in PHASES[1:]:
+                with tracker.phase(phase):
+                    group = [
+                        synthetic_batch(t.batch_size, t.seq_len, src.config.vocab_size)
+                        for _ in range(t.grad_accum)
+                    ]
+                    train_step(session, group)
+                    del group
+    except PlanError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure inside the fake run must name where it happened
+        where = tracker.current_location() if hasattr(tracker, "current_location") else ""
+        raise PlanError(
+            f"the training step could not run on fake tensors{f' at {where}' if where else ''}: "
+            f"{type(exc).__name__}: {exc}. A data-dependent operation (one that reads tensor values) cannot be "
+            "planned; fix: choose another attention kernel or method, or report the op"
+        ) from exc
+    peaks = tracker.phase_peaks()
+    cats = lambda d: {c.value if hasattr(c, "value") else str(c): int(v) for c, v in d.items()}  # noqa: E731
+    steady = tracker.phase_peak_info("steady_step")
+    timeline = [
+        {
+            "event": p.event,
+            "phase": p.phase,
+            "op": p.op,
+            "module": p.module,
+            "stage": p.stage,
+            "live_bytes": p.live_bytes,
+            "by_category": cats(p.by_category),
+        }
+        for p in tracker.timeline
+    ]
+    return Simulation(
+        num_layers=depth,
+        phase_peaks={name: int(peaks.get(name, 0)) for name in PHASES},
+        peak_bytes=int(tracker.peak_bytes),
+        peak_phase=tracker.peak_phase,
+        peak_op=tracker.peak_op,
+        peak_module=tracker.peak_module,
+        peak_stage=tracker.peak_stage,
+        breakdown=cats(tracker.breakdown_at_peak()),
+        phase_breakdowns={name: cats(tracker.phase_peak_info(name).breakdown) for name in PHASES},
+        timeline=timeline if steady.bytes else [],
+        seconds=time.perf_counter() - start,
+    )
