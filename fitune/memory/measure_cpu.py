@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 from torch.profiler._memory_profiler import Action, MemoryProfileTimeline, TensorKey
 
 UNKNOWN = "UNKNOWN"  # allocations the profiler could not tie to a tensor
@@ -37,6 +37,16 @@ class CpuMeasurement:
     # allocations included; the values sum to peak_bytes.
     breakdown_at_peak: dict[str, int]
     result: Any = None  # what the profiled call of fn returned
+    # peak of live bytes (relative to the start) inside each `phase(name)` range that fn opened
+    phase_peaks_relative: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+PHASE_PREFIX = "fitune::phase::"
+
+
+def phase(name: str):
+    """Mark a phase inside a measured function; `measure_cpu_peak` reports its peak separately."""
+    return record_function(PHASE_PREFIX + name)
 
 
 def _add(counts: dict[str, int], key: str, n: int) -> None:
@@ -55,6 +65,15 @@ def measure_cpu_peak(fn: Callable[[], Any], *, warmup: int = 0) -> CpuMeasuremen
         result = fn()
     timeline = MemoryProfileTimeline(prof._memory_profile())
     cpu = torch.device("cpu")
+    ranges = []
+    for e in prof.profiler.kineto_results.events():
+        try:
+            name = e.name()
+        except UnicodeDecodeError:  # some kernel-side event names are not UTF-8; they are not ours
+            continue
+        if name.startswith(PHASE_PREFIX):
+            ranges.append((name[len(PHASE_PREFIX) :], e.start_ns(), e.start_ns() + e.duration_ns()))
+    phase_peaks: dict[str, int] = {name: 0 for name, _, _ in ranges}
 
     def category(key: Any, version: int) -> str:
         cat = timeline.categories.get(key, version) if isinstance(key, TensorKey) else None
@@ -80,7 +99,11 @@ def measure_cpu_peak(fn: Callable[[], Any], *, warmup: int = 0) -> CpuMeasuremen
             continue
         delta = -nbytes if action == Action.DESTROY else nbytes
         _add(by_category, category(key, version), delta)
+        before = relative
         relative += delta
+        for name, lo, hi in ranges:
+            if lo <= _t <= hi:
+                phase_peaks[name] = max(phase_peaks[name], before, relative)
         if relative > peak_relative:
             peak_relative = relative
             peak_breakdown = dict(by_category)
@@ -93,4 +116,5 @@ def measure_cpu_peak(fn: Callable[[], Any], *, warmup: int = 0) -> CpuMeasuremen
         end_bytes_relative=relative,
         breakdown_at_peak={k: v for k, v in peak_breakdown.items() if v},
         result=result,
+        phase_peaks_relative=phase_peaks,
     )

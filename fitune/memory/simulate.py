@@ -31,6 +31,12 @@ class Simulation:
     peak_stage: str
     breakdown: dict[str, int]  # category -> bytes at the peak
     phase_breakdowns: dict[str, dict[str, int]]
+    phase_peak_ops: dict[str, str] = field(default_factory=dict)
+    phase_peak_modules: dict[str, str] = field(default_factory=dict)
+    phase_peak_stages: dict[str, str] = field(default_factory=dict)
+    # with an allocator model: its allocated / reserved peaks per phase (whole blocks, segments)
+    phase_allocated: dict[str, int] = field(default_factory=dict)
+    phase_reserved: dict[str, int] = field(default_factory=dict)
     timeline: list[dict] = field(
         default_factory=list
     )  # steady step: event, op, module, live bytes by category
@@ -74,6 +80,18 @@ def _fake_params_move_in_place():
         torch.utils.swap_tensors = original
 
 
+@contextlib.contextmanager
+def _allocator_phase(allocator, name: str, out: dict):
+    """Per-phase peaks of an allocator model, as torch.cuda.reset_peak_memory_stats gives them."""
+    if allocator is None:
+        yield
+        return
+    allocator.peak_allocated = allocator.allocated_bytes
+    allocator.peak_reserved = allocator.reserved_bytes
+    yield
+    out[name] = (allocator.peak_allocated, allocator.peak_reserved)
+
+
 def with_layers(config, num_layers: int):
     """A copy of ``config`` with ``num_layers`` decoder layers (per-layer lists cut to match)."""
     cfg = copy.deepcopy(config)
@@ -84,7 +102,9 @@ def with_layers(config, num_layers: int):
     return cfg
 
 
-def simulate(recipe, *, source=None, num_layers: int | None = None, round_bytes=None) -> Simulation:
+def simulate(
+    recipe, *, source=None, num_layers: int | None = None, round_bytes=None, allocator=None
+) -> Simulation:
     """Run load + two training steps of ``recipe`` on fake tensors; ``num_layers`` overrides the depth."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -101,7 +121,8 @@ def simulate(recipe, *, source=None, num_layers: int | None = None, round_bytes=
     src.config = with_layers(source.config, depth)
     src.weights_dir = None
     t = recipe.train
-    tracker = MemoryTracker(round_bytes=round_bytes or (lambda n: n))
+    tracker = MemoryTracker(round_bytes=round_bytes or (lambda n: n), allocator=allocator)
+    alloc_peaks: dict[str, tuple[int, int]] = {}
     start = time.perf_counter()
     try:
         with (
@@ -110,12 +131,12 @@ def simulate(recipe, *, source=None, num_layers: int | None = None, round_bytes=
             _fake_params_move_in_place(),
             tracker,
         ):
-            with tracker.phase("load"):
+            with tracker.phase("load"), _allocator_phase(allocator, "load", alloc_peaks):
                 session = build_session(recipe, fake=True, device="cpu", source=src, with_tokenizer=False)
             tracker.register_model(session.model)
             tracker.register_optimizer(session.optimizer)
             for phase in PHASES[1:]:
-                with tracker.phase(phase):
+                with tracker.phase(phase), _allocator_phase(allocator, phase, alloc_peaks):
                     group = [
                         synthetic_batch(t.batch_size, t.seq_len, src.config.vocab_size)
                         for _ in range(t.grad_accum)
@@ -125,15 +146,13 @@ def simulate(recipe, *, source=None, num_layers: int | None = None, round_bytes=
     except PlanError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure inside the fake run must name where it happened
-        where = tracker.current_location() if hasattr(tracker, "current_location") else ""
+        op, module = tracker.failed_at or ("(before any op)", "setup")
         raise PlanError(
-            f"the training step could not run on fake tensors{f' at {where}' if where else ''}: "
-            f"{type(exc).__name__}: {exc}. A data-dependent operation (one that reads tensor values) cannot be "
-            "planned; fix: choose another attention kernel or method, or report the op"
+            f"the training step could not run on fake tensors: op {op} in module {module}: "
+            f"{type(exc).__name__}: {str(exc)[:300]}. An operation that reads tensor values cannot be planned; "
+            "fix: choose another attention kernel, method or optimizer for the plan, or report the op"
         ) from exc
-    peaks = tracker.phase_peaks()
-    cats = lambda d: {c.value if hasattr(c, "value") else str(c): int(v) for c, v in d.items()}  # noqa: E731
-    steady = tracker.phase_peak_info("steady_step")
+    infos = {name: tracker.phase_peak_info(name) for name in PHASES}
     timeline = [
         {
             "event": p.event,
@@ -142,20 +161,30 @@ def simulate(recipe, *, source=None, num_layers: int | None = None, round_bytes=
             "module": p.module,
             "stage": p.stage,
             "live_bytes": p.live_bytes,
-            "by_category": cats(p.by_category),
+            "by_category": _by_name(p.by_category),
         }
         for p in tracker.timeline
+        if p.phase == "steady_step"
     ]
     return Simulation(
         num_layers=depth,
-        phase_peaks={name: int(peaks.get(name, 0)) for name in PHASES},
+        phase_peaks={name: int(infos[name].bytes) for name in PHASES},
         peak_bytes=int(tracker.peak_bytes),
         peak_phase=tracker.peak_phase,
         peak_op=tracker.peak_op,
         peak_module=tracker.peak_module,
         peak_stage=tracker.peak_stage,
-        breakdown=cats(tracker.breakdown_at_peak()),
-        phase_breakdowns={name: cats(tracker.phase_peak_info(name).breakdown) for name in PHASES},
-        timeline=timeline if steady.bytes else [],
+        breakdown=_by_name(tracker.breakdown_at_peak()),
+        phase_breakdowns={name: _by_name(infos[name].breakdown) for name in PHASES},
+        phase_peak_ops={name: infos[name].op for name in PHASES},
+        phase_peak_modules={name: infos[name].module for name in PHASES},
+        phase_peak_stages={name: infos[name].stage for name in PHASES},
+        phase_allocated={name: a for name, (a, _) in alloc_peaks.items()},
+        phase_reserved={name: r for name, (_, r) in alloc_peaks.items()},
+        timeline=timeline,
         seconds=time.perf_counter() - start,
     )
+
+
+def _by_name(by_category: dict) -> dict[str, int]:
+    return {getattr(c, "value", str(c)): int(v) for c, v in by_category.items()}

@@ -151,10 +151,18 @@ class MemoryTracker(TorchDispatchMode):
     """
 
     def __init__(
-        self, round_bytes: Callable[[int], int] = lambda n: n, *, max_timeline_points: int = 4096
+        self,
+        round_bytes: Callable[[int], int] = lambda n: n,
+        *,
+        max_timeline_points: int = 4096,
+        allocator: Any = None,
     ) -> None:
         super().__init__()
         self.round_bytes = round_bytes
+        # optional allocator model told of every allocation (malloc(key, nbytes)) and release (free(key)),
+        # e.g. to model the segments a caching allocator reserves
+        self.allocator = allocator
+        self.failed_at: tuple[str, str] | None = None  # (op, module) of the first op that raised
         self.live_bytes = 0
         self._live_by_category = dict.fromkeys(Category, 0)
         self._records: dict[int, _Storage] = {}  # id(storage) -> record, live storages only
@@ -293,7 +301,12 @@ class MemoryTracker(TorchDispatchMode):
             self._in_optimizer = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
+        try:
+            out = func(*args, **(kwargs or {}))
+        except Exception:
+            if self.failed_at is None:  # the op and module that could not run, for the caller's message
+                self.failed_at = (str(func), self._where()[0])
+            raise
         returns = func._schema.returns
         if not returns:
             pairs: Any = ()
@@ -325,6 +338,9 @@ class MemoryTracker(TorchDispatchMode):
                 if nb != rec.nbytes:  # resize_ grew or shrank the allocation
                     self._move(rec.category, nb - rec.nbytes)
                     rec.nbytes = nb
+                    if self.allocator is not None:
+                        self.allocator.free(id(rec))
+                        self.allocator.malloc(id(rec), nb)
             elif not aliased:
                 self._add(st, Category.TEMPORARIES)
 
@@ -345,11 +361,15 @@ class MemoryTracker(TorchDispatchMode):
         rec.ref = weakref.ref(st, partial(self._on_free, key, rec))
         self._records[key] = rec
         self._move(category, nb)
+        if self.allocator is not None:
+            self.allocator.malloc(id(rec), nb)
 
     def _on_free(self, key: int, rec: _Storage, _ref: weakref.ref) -> None:
         if self._records.get(key) is rec:
             del self._records[key]
         self._move(rec.category, -rec.nbytes)
+        if self.allocator is not None:
+            self.allocator.free(id(rec))
 
     def _move(self, category: Category, nb: int) -> None:
         self.live_bytes += nb

@@ -1,0 +1,156 @@
+"""``fitune.plan``: a run's peak memory, phase by phase, predicted by simulation, for any model size.
+
+Deep models are planned from two short fake runs: with ``2p`` and ``3p`` decoder layers (``p`` = the period
+of the layer pattern, 1 for most models, 2 for models alternating local and global attention). Every figure
+is affine in the number of identical layer groups, so the full depth follows exactly from the two runs;
+``tests/test_plan.py`` checks this against a full trace.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+from fitune.memory.simulate import PHASES, Simulation, simulate
+
+FULL_TRACE_MAX_LAYERS = 6  # at or below this depth, trace every layer
+
+
+@dataclass
+class Plan:
+    """Predicted memory of a run. Bytes are what the target's allocator reports (see ``device``)."""
+
+    peak_bytes: int
+    phases: dict[str, int]  # load, first_step, steady_step -> peak bytes
+    breakdown: dict[str, int]  # category -> bytes at the peak
+    peak_op: str
+    peak_module: str
+    peak_phase: str
+    peak_stage: str
+    timeline: list[dict]  # the steady step of the traced model: live bytes by category, op by op
+    device: str  # cpu | cuda
+    gpu: str | None
+    num_layers: int
+    traced_layers: list[int]
+    overheads: dict[str, int] = field(default_factory=dict)  # bytes outside the tensors (CUDA)
+    cuda: dict[str, int] = field(default_factory=dict)  # allocated / reserved / device totals (CUDA)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def layer_period(config) -> int:
+    """Length of the repeating pattern of decoder layers (1 when all layers are alike)."""
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list) and types:
+        for p in range(1, len(types) + 1):
+            if all(types[i] == types[i % p] for i in range(len(types))):
+                return p
+    return 1
+
+
+def _affine(a: float, b: float, k: float) -> int:
+    return int(round(a + k * (b - a)))
+
+
+def _renumber(module: str, traced: int, num_layers: int) -> str:
+    """Name the layer at the peak as it is in the full model (the last traced layer is the last one)."""
+    shift = num_layers - traced
+    return (
+        re.sub(r"layers\.(\d+)", lambda m: f"layers.{int(m.group(1)) + shift}", module) if shift else module
+    )
+
+
+def plan(recipe, *, full_trace: bool = False) -> Plan:
+    """Predict the memory of ``recipe`` on its target (``hardware.device``) without loading a weight."""
+    from fitune.memory.devices import device_model
+    from fitune.models import sources
+
+    start = time.perf_counter()
+    target = _target(recipe)
+    model = device_model(target["device"], target["gpu"])
+    source = sources.resolve(recipe, need_weights=False)
+    num_layers = source.config.num_hidden_layers
+    period = layer_period(source.config)
+
+    def run(n: int) -> Simulation:
+        return simulate(
+            recipe,
+            source=source,
+            num_layers=n,
+            round_bytes=model.round_bytes,
+            allocator=model.new_allocator(),
+        )
+
+    # lazy one-time initialisations (caches inside torch and the libraries) must not land in a trace
+    small = recipe.updated({"train.batch_size": 1, "train.seq_len": 8, "train.grad_accum": 1})
+    simulate(small, source=source, num_layers=period)
+    if full_trace or num_layers <= FULL_TRACE_MAX_LAYERS or num_layers % period:
+        sims = [run(num_layers)]
+        k = 0.0
+    else:
+        # two and three layer groups: the first group's load differs from the others (embeddings are
+        # initialised before it), from the second on every group adds the same bytes
+        sims = [run(2 * period), run(3 * period)]
+        k = num_layers / period - 2
+    a, b = sims[0], sims[-1]
+
+    def at_depth(field_a: dict, field_b: dict) -> dict:
+        return {ph: _affine(field_a.get(ph, 0), field_b.get(ph, 0), k) for ph in PHASES}
+
+    phases = at_depth(a.phase_peaks, b.phase_peaks)
+    breakdowns = {}
+    for ph in PHASES:
+        cats = set(a.phase_breakdowns[ph]) | set(b.phase_breakdowns[ph])
+        breakdowns[ph] = {
+            c: _affine(a.phase_breakdowns[ph].get(c, 0), b.phase_breakdowns[ph].get(c, 0), k) for c in cats
+        }
+    overheads: dict[str, int] = {}
+    cuda: dict[str, int] = {}
+    if model.kind == "cuda":
+        from fitune.memory.devices import cuda_totals
+
+        allocated = at_depth(a.phase_allocated, b.phase_allocated)
+        reserved = at_depth(a.phase_reserved, b.phase_reserved)
+        for ph in PHASES:  # whole cached blocks beyond the 512-byte rounded tensors
+            breakdowns[ph]["allocator_blocks"] = allocated[ph] - phases[ph]
+        extra = {o.name: o.bytes for o in model.overheads() if o.counted_in == "allocated"}
+        for ph in PHASES:
+            breakdowns[ph].update(extra)
+        phases = {ph: allocated[ph] + sum(extra.values()) for ph in PHASES}
+        peak_ph = max(PHASES, key=lambda ph: phases[ph])
+        cuda = cuda_totals(allocated[peak_ph], max(reserved.values()), model)
+        cuda["reserved"] = max(cuda["reserved"], cuda["allocated"])
+        overheads = {o.name: o.bytes for o in model.overheads()}
+    peak_phase = max(PHASES, key=lambda ph: phases[ph])
+    return Plan(
+        peak_bytes=phases[peak_phase],
+        phases=phases,
+        breakdown={c: v for c, v in sorted(breakdowns[peak_phase].items()) if v},
+        peak_op=b.phase_peak_ops[peak_phase],
+        peak_module=_renumber(b.phase_peak_modules[peak_phase], b.num_layers, num_layers),
+        peak_phase=peak_phase,
+        peak_stage=b.phase_peak_stages[peak_phase],
+        timeline=b.timeline,
+        device=model.kind,
+        gpu=target["gpu"].name if target["gpu"] is not None else None,
+        num_layers=num_layers,
+        traced_layers=[s.num_layers for s in sims],
+        overheads=overheads,
+        cuda=cuda,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _target(recipe) -> dict:
+    """The device a recipe is planned for: cpu, this machine's CUDA GPU, or a catalog GPU."""
+    device = recipe.hardware.device
+    if device == "cpu":
+        return {"device": "cpu", "gpu": None}
+    from fitune.hardware.detect import detect_environment
+
+    env = detect_environment(device)
+    return {"device": env.device_type, "gpu": env.gpu}
