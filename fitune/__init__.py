@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from fitune.recipe import Recipe
     from fitune.trainer.loop import TrainResult
 
-__all__ = ["Recipe", "TrainResult", "doctor", "train", "__version__"]
+__all__ = ["Recipe", "TrainResult", "doctor", "measure", "plan", "train", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -34,6 +34,20 @@ def train(recipe, max_steps: int | None = None, **kwargs):
     from fitune.trainer.loop import train as _train
 
     return _train(_as_recipe(recipe), max_steps=max_steps, **kwargs)
+
+
+def plan(recipe, **kwargs):
+    """Predict a run's memory (a ``Plan``: peak_bytes, phases, breakdown, peak_op, peak_module, timeline)."""
+    from fitune.planner.plan import plan as _plan
+
+    return _plan(_as_recipe(recipe), **kwargs)
+
+
+def measure(recipe):
+    """Run the load and two real steps; a ``Measurement`` with peak_bytes and per-phase peaks."""
+    from fitune.memory.measure import measure as _measure
+
+    return _measure(_as_recipe(recipe))
 
 
 def doctor(recipe, **kwargs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -100,6 +101,131 @@ def train(
     console.print(
         f"done: {result.steps} steps, {result.tokens_per_second:,.0f} tokens/s; saved in {result.output_dir}"
     )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.2f} GiB"
+
+
+def _print_plan(p, recipe) -> None:
+    from rich.table import Table
+
+    target = p.gpu or p.device
+    console.print(
+        f"[bold]plan[/] {recipe.method.kind} of {recipe.model.source or 'inline config'} on {target}: "
+        f"peak [bold]{_gib(p.peak_bytes)}[/] in {p.peak_phase} ({p.num_layers} layers; traced "
+        f"{' and '.join(map(str, p.traced_layers))}; {p.seconds:.1f} s)",
+        highlight=False,
+    )
+    phases = Table(title="peak by phase")
+    phases.add_column("phase")
+    phases.add_column("peak", justify="right")
+    for name, b in p.phases.items():
+        phases.add_row(name, _gib(b))
+    console.print(phases)
+    table = Table(title=f"at the peak: {p.peak_op} in {p.peak_module} ({p.peak_stage})")
+    table.add_column("category")
+    table.add_column("bytes", justify="right")
+    table.add_column("share", justify="right")
+    for cat, b in sorted(p.breakdown.items(), key=lambda kv: -kv[1]):
+        table.add_row(cat, _gib(b), f"{100 * b / max(1, p.peak_bytes):.1f}%")
+    console.print(table)
+    if p.cuda:
+        console.print(
+            f"CUDA: max_memory_allocated {_gib(p.cuda['allocated'])}, max_memory_reserved "
+            f"{_gib(p.cuda['reserved'])}, with the CUDA context about {_gib(p.cuda['device_total'])} on the device",
+            highlight=False,
+        )
+    for note in p.notes:
+        console.print(f"note: {note}", highlight=False)
+
+
+@app.command()
+def plan(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    gpu: Optional[str] = typer.Option(
+        None, help="Plan for this device instead of hardware.device (cpu, a catalog GPU)."
+    ),
+) -> None:
+    """Predict the run's peak memory, phase by phase, before loading a weight."""
+    import time
+
+    from fitune.logs import quiet_libraries
+
+    start = time.perf_counter()
+    quiet_libraries()
+    try:
+        r = _load(recipe)
+        if gpu:
+            r = r.updated({"hardware.device": gpu})
+        from fitune.planner import plan as make_plan
+
+        p = make_plan(r)
+    except RecipeError as exc:
+        _fail(exc, EXIT_INVALID_RECIPE)
+    except FituneError as exc:
+        _fail(exc)
+    if as_json:
+        data = p.to_dict()
+        data["wall_seconds"] = time.perf_counter() - start
+        print(json.dumps(data, indent=2))
+        return
+    _print_plan(p, r)
+    console.print(f"wall time {time.perf_counter() - start:.1f} s (imports included)", highlight=False)
+
+
+@app.command()
+def measure(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+) -> None:
+    """Run the load and two real steps, and print measured memory beside the plan, per phase."""
+    from fitune.logs import quiet_libraries
+
+    quiet_libraries()
+    try:
+        r = _load(recipe)
+        from fitune.memory.measure import measure as run_measure
+        from fitune.planner import plan as make_plan
+
+        predicted = make_plan(r.updated({"hardware.device": "cpu"}) if r.hardware.device == "cpu" else r)
+        measured = run_measure(r)
+    except RecipeError as exc:
+        _fail(exc, EXIT_INVALID_RECIPE)
+    except FituneError as exc:
+        _fail(exc)
+    rows = {
+        name: {
+            "predicted": predicted.phases[name],
+            "measured": measured.phases[name],
+            "error": predicted.phases[name] / measured.phases[name] - 1 if measured.phases[name] else None,
+        }
+        for name in measured.phases
+    }
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "device": measured.device,
+                    "phases": rows,
+                    "peak": {"predicted": predicted.peak_bytes, "measured": measured.peak_bytes},
+                },
+                indent=2,
+            )
+        )
+        return
+    from rich.table import Table
+
+    table = Table(title=f"predicted vs measured on {measured.device}")
+    for col in ("phase", "predicted", "measured", "error"):
+        table.add_column(col, justify="right" if col != "phase" else "left")
+    for name, row in rows.items():
+        err = f"{100 * row['error']:+.2f}%" if row["error"] is not None else "-"
+        table.add_row(name, _gib(row["predicted"]), _gib(row["measured"]), err)
+    err = predicted.peak_bytes / measured.peak_bytes - 1
+    table.add_row("peak", _gib(predicted.peak_bytes), _gib(measured.peak_bytes), f"{100 * err:+.2f}%")
+    console.print(table)
 
 
 def _print_findings(findings) -> None:

@@ -80,7 +80,12 @@ def compute_dtype(recipe: Recipe) -> torch.dtype | None:
 
 
 def build_model(
-    recipe: Recipe, source: sources.ResolvedSource, device: torch.device, *, fake: bool
+    recipe: Recipe,
+    source: sources.ResolvedSource,
+    device: torch.device,
+    *,
+    fake: bool,
+    stage_on_host: bool = False,
 ) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -107,7 +112,7 @@ def build_model(
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
         except (ImportError, ValueError) as exc:
             raise FituneError(f"cannot build {source.description} with attention={attn}: {exc}") from None
-    if device.type != "cpu":  # built on the CPU; fake tensors stay there (they cannot be moved in place)
+    if device.type != "cpu" and not stage_on_host:  # built on the CPU; fake tensors stay there
         model = model.to(device)
     return model
 
@@ -125,7 +130,10 @@ def apply_method(recipe: Recipe, model: nn.Module, device: torch.device) -> nn.M
     for p in model.parameters():
         p.requires_grad_(False)
     if method.kind == "qlora":
+        # the model was staged in host memory: each layer is quantized onto the device, then the rest moves
         quantize_nf4(model, compute_dtype(recipe) or torch.float32, device)
+        if device.type != "cpu":
+            model = model.to(device)
     targets = method.targets if isinstance(method.targets, list) else "all-linear"
     config = LoraConfig(
         r=method.r,
@@ -184,8 +192,13 @@ def build_session(
     total_steps: int | None = None,
     source: sources.ResolvedSource | None = None,
     with_tokenizer: bool = True,
+    host_staging=None,
 ) -> Session:
-    """Build everything a training step needs. With ``fake=True`` no weights or tokenizer are read."""
+    """Build everything a training step needs. With ``fake=True`` no weights or tokenizer are read.
+
+    ``host_staging`` (planning for a GPU) is a context factory that marks host-memory work: QLoRA stages the
+    full-precision model on the host and only its quantized layers reach the device.
+    """
     device = torch.device(device) if device is not None else resolve_device(recipe.hardware.device)
     if source is None:
         source = sources.resolve(recipe, need_weights=not fake)
@@ -194,7 +207,9 @@ def build_session(
         from fitune.models.tokenizers import load_tokenizer
 
         tokenizer = load_tokenizer(source, source.config)
-    model = build_model(recipe, source, device, fake=fake)
+    stage = recipe.method.kind == "qlora"  # full-precision weights wait in host memory until quantized
+    with host_staging() if (stage and host_staging is not None) else contextlib.nullcontext():
+        model = build_model(recipe, source, device, fake=fake, stage_on_host=stage)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_method(recipe, model, device)

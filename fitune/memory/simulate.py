@@ -103,9 +103,19 @@ def with_layers(config, num_layers: int):
 
 
 def simulate(
-    recipe, *, source=None, num_layers: int | None = None, round_bytes=None, allocator=None
+    recipe,
+    *,
+    source=None,
+    num_layers: int | None = None,
+    round_bytes=None,
+    allocator=None,
+    host_is_device: bool = True,
 ) -> Simulation:
-    """Run load + two training steps of ``recipe`` on fake tensors; ``num_layers`` overrides the depth."""
+    """Run load + two training steps of ``recipe`` on fake tensors; ``num_layers`` overrides the depth.
+
+    ``host_is_device=False`` (planning for a GPU): work the session builder stages in host memory is not
+    counted as device memory.
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fitune.data.batching import synthetic_batch
@@ -132,7 +142,14 @@ def simulate(
             tracker,
         ):
             with tracker.phase("load"), _allocator_phase(allocator, "load", alloc_peaks):
-                session = build_session(recipe, fake=True, device="cpu", source=src, with_tokenizer=False)
+                session = build_session(
+                    recipe,
+                    fake=True,
+                    device="cpu",
+                    source=src,
+                    with_tokenizer=False,
+                    host_staging=None if host_is_device else tracker.off_device,
+                )
             tracker.register_model(session.model)
             tracker.register_optimizer(session.optimizer)
             for phase in PHASES[1:]:

@@ -163,6 +163,7 @@ class MemoryTracker(TorchDispatchMode):
         # e.g. to model the segments a caching allocator reserves
         self.allocator = allocator
         self.failed_at: tuple[str, str] | None = None  # (op, module) of the first op that raised
+        self._off_device = 0
         self.live_bytes = 0
         self._live_by_category = dict.fromkeys(Category, 0)
         self._records: dict[int, _Storage] = {}  # id(storage) -> record, live storages only
@@ -221,6 +222,16 @@ class MemoryTracker(TorchDispatchMode):
         for t in tensors:
             self._categorize(t, category, force=True)
         self._note("register_tensors")
+
+    @contextmanager
+    def off_device(self) -> Iterator[None]:
+        """Allocations made inside are not on the tracked device (e.g. weights staged in host memory before
+        they are quantized onto a GPU); tensors from here that stay alive are counted when registered."""
+        self._off_device += 1
+        try:
+            yield
+        finally:
+            self._off_device -= 1
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -307,6 +318,8 @@ class MemoryTracker(TorchDispatchMode):
             if self.failed_at is None:  # the op and module that could not run, for the caller's message
                 self.failed_at = (str(func), self._where()[0])
             raise
+        if self._off_device:
+            return out
         returns = func._schema.returns
         if not returns:
             pairs: Any = ()

@@ -69,6 +69,7 @@ def plan(recipe, *, full_trace: bool = False) -> Plan:
     from fitune.memory.devices import device_model
     from fitune.models import sources
 
+    _import_method_libraries(recipe)
     start = time.perf_counter()
     target = _target(recipe)
     model = device_model(target["device"], target["gpu"])
@@ -83,11 +84,12 @@ def plan(recipe, *, full_trace: bool = False) -> Plan:
             num_layers=n,
             round_bytes=model.round_bytes,
             allocator=model.new_allocator(),
+            host_is_device=model.kind == "cpu",
         )
 
     # lazy one-time initialisations (caches inside torch and the libraries) must not land in a trace
     small = recipe.updated({"train.batch_size": 1, "train.seq_len": 8, "train.grad_accum": 1})
-    simulate(small, source=source, num_layers=period)
+    simulate(small, source=source, num_layers=period, host_is_device=model.kind == "cpu")
     if full_trace or num_layers <= FULL_TRACE_MAX_LAYERS or num_layers % period:
         sims = [run(num_layers)]
         k = 0.0
@@ -114,16 +116,19 @@ def plan(recipe, *, full_trace: bool = False) -> Plan:
         from fitune.memory.devices import cuda_totals
 
         allocated = at_depth(a.phase_allocated, b.phase_allocated)
-        reserved = at_depth(a.phase_reserved, b.phase_reserved)
-        for ph in PHASES:  # whole cached blocks beyond the 512-byte rounded tensors
+        # whole cached blocks beyond the 512-byte rounded tensors (never below the tensors themselves)
+        allocated = {ph: max(allocated[ph], phases[ph]) for ph in PHASES}
+        for ph in PHASES:
             breakdowns[ph]["allocator_blocks"] = allocated[ph] - phases[ph]
         extra = {o.name: o.bytes for o in model.overheads() if o.counted_in == "allocated"}
         for ph in PHASES:
             breakdowns[ph].update(extra)
         phases = {ph: allocated[ph] + sum(extra.values()) for ph in PHASES}
         peak_ph = max(PHASES, key=lambda ph: phases[ph])
-        cuda = cuda_totals(allocated[peak_ph], max(reserved.values()), model)
-        cuda["reserved"] = max(cuda["reserved"], cuda["allocated"])
+        # segments held beyond the allocated blocks do not grow layer by layer the way blocks do; keep the
+        # deeper trace's cached-but-free bytes at its peak phase as the estimate for the full depth
+        slack = max(0, b.phase_reserved.get(peak_ph, 0) - b.phase_allocated.get(peak_ph, 0))
+        cuda = cuda_totals(allocated[peak_ph], allocated[peak_ph] + slack, model)
         overheads = {o.name: o.bytes for o in model.overheads()}
     peak_phase = max(PHASES, key=lambda ph: phases[ph])
     return Plan(
@@ -131,7 +136,7 @@ def plan(recipe, *, full_trace: bool = False) -> Plan:
         phases=phases,
         breakdown={c: v for c, v in sorted(breakdowns[peak_phase].items()) if v},
         peak_op=b.phase_peak_ops[peak_phase],
-        peak_module=_renumber(b.phase_peak_modules[peak_phase], b.num_layers, num_layers),
+        peak_module=_where(b.phase_peak_modules[peak_phase], b.num_layers, num_layers),
         peak_phase=peak_phase,
         peak_stage=b.phase_peak_stages[peak_phase],
         timeline=b.timeline,
@@ -143,6 +148,24 @@ def plan(recipe, *, full_trace: bool = False) -> Plan:
         cuda=cuda,
         seconds=time.perf_counter() - start,
     )
+
+
+def _import_method_libraries(recipe) -> None:
+    """Import what the session will use before the clock starts: planning time excludes Python imports."""
+    import transformers  # noqa: F401
+
+    if recipe.method.kind != "full":
+        import peft  # noqa: F401
+    if recipe.method.kind == "qlora" or "8bit" in recipe.train.optimizer:
+        import bitsandbytes  # noqa: F401
+
+
+def _where(module: str, traced: int, num_layers: int) -> str:
+    from fitune.memory.tracker import NO_MODULE
+
+    if module == NO_MODULE:
+        return "loss (fitune.step, outside the model's modules)"
+    return _renumber(module, traced, num_layers)
 
 
 def _target(recipe) -> dict:

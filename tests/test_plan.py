@@ -1,0 +1,110 @@
+"""The planner: fake-tensor simulation of the real step, extrapolation, agreement with measurement."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import fitune
+from fitune.cli import app
+from fitune.errors import PlanError
+from fitune.recipe import Recipe
+
+from .conftest import TINY_LLAMA
+
+
+def _recipe(kind="lora", device="cpu", layers=2, **train):
+    return Recipe.from_dict(
+        {
+            "model": {"config": dict(TINY_LLAMA, num_hidden_layers=layers), "dtype": "bf16"},
+            "method": {"kind": kind, "r": 4},
+            "train": {"seq_len": 64, "batch_size": 2, "precision": "bf16", **train},
+            "hardware": {"device": device},
+        }
+    )
+
+
+@pytest.mark.parametrize("device", ["cpu", "rtx-4090"])
+@pytest.mark.parametrize("kind", ["lora", "qlora", "full"])
+def test_extrapolation_equals_full_trace(kind, device):
+    r = _recipe(kind, device, layers=9)
+    short = fitune.plan(r)
+    full = fitune.plan(r, full_trace=True)
+    assert short.traced_layers == [2, 3] and full.traced_layers == [9]
+    assert short.phases == full.phases
+    assert short.breakdown == full.breakdown
+    assert short.peak_op == full.peak_op and short.peak_module == full.peak_module
+
+
+@pytest.mark.parametrize("kind", ["lora", "qlora", "full"])
+def test_plan_matches_cpu_measurement(kind):
+    r = _recipe(kind, layers=3, seq_len=96)
+    predicted = fitune.plan(r)
+    measured = fitune.measure(r)
+    for phase in ("first_step", "steady_step"):
+        assert predicted.phases[phase] == pytest.approx(measured.phases[phase], rel=0.02), phase
+    assert predicted.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.02)
+
+
+def test_breakdown_sums_to_peak_and_names_where():
+    p = fitune.plan(_recipe("lora"))
+    assert sum(p.breakdown.values()) == p.peak_bytes
+    assert set(p.phases) == {"load", "first_step", "steady_step"}
+    assert p.peak_op.startswith("aten.")
+    assert p.peak_module
+    assert p.timeline and all("live_bytes" in point for point in p.timeline)
+
+
+def test_plan_changes_in_the_expected_category():
+    lora, qlora = fitune.plan(_recipe("lora")), fitune.plan(_recipe("qlora"))
+    assert qlora.breakdown.get("quant_state", 0) > 0 and "quant_state" not in lora.breakdown
+    assert qlora.breakdown["frozen_weights"] < lora.breakdown["frozen_weights"]
+    full = fitune.plan(_recipe("full"))
+    assert full.phases["steady_step"] > lora.phases["steady_step"]
+    plain = fitune.plan(_recipe("full", seq_len=256, batch_size=4))
+    ckpt = fitune.plan(_recipe("full", seq_len=256, batch_size=4, gradient_checkpointing=True))
+    assert ckpt.phases["first_step"] < plain.phases["first_step"]
+
+
+def test_cuda_target_models_the_allocator_and_overheads():
+    p = fitune.plan(_recipe("lora", "t4"))
+    assert p.device == "cuda" and p.gpu == "t4"
+    assert p.peak_bytes % 512 == 0
+    assert p.cuda["reserved"] >= p.cuda["allocated"] == p.peak_bytes
+    assert p.cuda["device_total"] > p.cuda["reserved"]
+    assert any("cuBLAS" in name for name in p.overheads)
+
+
+def test_recipe_without_data_is_planned_from_seq_len_and_batch():
+    small, big = fitune.plan(_recipe(seq_len=64)), fitune.plan(_recipe(seq_len=128))
+    assert big.breakdown["activations"] > small.breakdown["activations"]
+
+
+def test_a_data_dependent_step_is_named_not_guessed(monkeypatch):
+    import fitune.step as step
+
+    def reads_values(batches):
+        return int(sum((b.targets_BT != -100).sum() for b in batches))  # .item(): reads tensor data
+
+    monkeypatch.setattr(step, "count_targets", reads_values)
+    with pytest.raises(PlanError, match=r"_local_scalar_dense"):
+        fitune.plan(_recipe("lora"))
+
+
+def test_plan_cli_json(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "model": {"config": TINY_LLAMA},
+                "train": {"seq_len": 32, "batch_size": 1},
+                "hardware": {"device": "cpu"},
+            }
+        )
+    )
+    result = CliRunner().invoke(app, ["plan", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["peak_bytes"] == max(data["phases"].values())
+    table = CliRunner().invoke(app, ["plan", str(path)])
+    assert "peak by phase" in table.output and "activations" in table.output
