@@ -55,12 +55,14 @@ def train(
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
     overwrite: bool = typer.Option(False, help="Replace a previous run in output.dir."),
     force: bool = typer.Option(False, help="Train even when the preflight doctor reports errors."),
+    resume: bool = typer.Option(False, help="Continue the run in output.dir from its last checkpoint."),
     no_progress: bool = typer.Option(
         False, "--no-progress", help="Plain log lines instead of a progress bar."
     ),
 ) -> None:
     """Train a recipe and save the adapter (or model), metrics and the resolved recipe."""
     from fitune.logs import quiet_libraries
+    from fitune.trainer.oom import OutOfMemory
 
     quiet_libraries()
     try:
@@ -78,10 +80,17 @@ def train(
             raise typer.Exit(EXIT_DOCTOR)
 
         result = run_train(
-            r, max_steps=max_steps, overwrite=overwrite, progress=not no_progress, echo=console.print
+            r,
+            max_steps=max_steps,
+            overwrite=overwrite,
+            resume=resume,
+            progress=not no_progress,
+            echo=console.print,
         )
     except RecipeError as exc:
         _fail(exc, EXIT_INVALID_RECIPE)
+    except OutOfMemory as exc:
+        _fail(exc, EXIT_OOM)
     except FituneError as exc:
         _fail(exc)
     if r.samples.prompts:

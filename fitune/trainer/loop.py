@@ -21,6 +21,8 @@ from fitune.errors import FituneError, RunFolderError
 from fitune.recipe import Recipe
 from fitune.session import Session, build_session
 from fitune.step import eval_loss, train_step
+from fitune.trainer.checkpoint import load_checkpoint, save_checkpoint
+from fitune.trainer.oom import device_budget, explain, is_out_of_memory
 
 RUN_MARKER = "fitune-run.json"
 
@@ -52,20 +54,26 @@ def memory_in_use(device: torch.device) -> int:
         return 0
 
 
-def prepare_run_folder(recipe: Recipe, overwrite: bool) -> Path:
+def prepare_run_folder(recipe: Recipe, overwrite: bool, resume: bool = False) -> Path:
     out = Path(recipe.output.dir).expanduser()
     if not out.is_absolute():
         out = Path.cwd() / out
-    if out.exists() and any(out.iterdir()):
-        if not (out / RUN_MARKER).exists() and not overwrite:
+    if resume:
+        if not (out / RUN_MARKER).exists():
             raise RunFolderError(
-                f"output.dir: {out} exists and holds files that are not a fitune run; fix: choose another "
-                "output.dir, or pass --overwrite to replace its contents"
+                f"--resume: {out} holds no fitune run; fix: check output.dir, or drop --resume"
             )
+        return out
+    if out.exists() and any(out.iterdir()):
         if not overwrite:
+            what = (
+                "already holds a run"
+                if (out / RUN_MARKER).exists()
+                else "holds files that are not a fitune run"
+            )
             raise RunFolderError(
-                f"output.dir: {out} already holds a run; fix: choose another output.dir, or pass --overwrite "
-                "to replace it"
+                f"output.dir: {out} {what}; fix: choose another output.dir, pass --resume to continue a run "
+                "from its last checkpoint, or --overwrite to replace it"
             )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,6 +149,7 @@ def train(
     max_steps: int | None = None,
     *,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = True,
     echo=print,
 ) -> TrainResult:
@@ -148,9 +157,10 @@ def train(
     if recipe.data is None:
         raise FituneError("data: the recipe has no data section; fix: add data.path (a JSONL file) to train")
     torch.manual_seed(recipe.train.seed)
-    out = prepare_run_folder(recipe, overwrite)
-    (out / RUN_MARKER).write_text(json.dumps({"fitune_version": __version__, "status": "running"}))
-    (out / "recipe.resolved.yaml").write_text(recipe.to_yaml())
+    out = prepare_run_folder(recipe, overwrite, resume)
+    if not resume:
+        (out / RUN_MARKER).write_text(json.dumps({"fitune_version": __version__, "status": "running"}))
+        (out / "recipe.resolved.yaml").write_text(recipe.to_yaml())
 
     from fitune.models import sources
     from fitune.models.tokenizers import load_tokenizer
@@ -159,8 +169,17 @@ def train(
     tokenizer = load_tokenizer(source, source.config)
     data = load_dataset(recipe, tokenizer)
     steps = max_steps or total_steps(recipe, len(data.train))
-    session = build_session(recipe, total_steps=steps, source=source, with_tokenizer=False)
+    try:
+        session = build_session(recipe, total_steps=steps, source=source, with_tokenizer=False)
+    except RuntimeError as exc:
+        if is_out_of_memory(exc):
+            raise FituneError(
+                f"out of memory while loading the model: {str(exc).splitlines()[0][:200]}; fix: run "
+                "`fitune plan` on the recipe to see the load peak, and try method.kind: qlora or a smaller model"
+            ) from exc
+        raise
     session.tokenizer = tokenizer
+    first_step = load_checkpoint(session, out) + 1 if resume else 1
     pad_id = tokenizer.pad_token_id
     echo(
         f"fitune {__version__}: {source.description}, {recipe.method.kind}, {len(data.train)} train / "
@@ -181,20 +200,31 @@ def train(
         echo(f"  eval loss before training: {first:.4f}")
 
     it = iter(MicroBatches(data.train, recipe.train.batch_size, pad_id, recipe.train.seed))
+    for _ in range((first_step - 1) * recipe.train.grad_accum):  # the data a resumed run already saw
+        next(it)
+    if resume:
+        echo(f"  resuming after step {first_step - 1}")
     losses: list[float] = []
     tokens = 0
     seconds = 0.0
     metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
     bar = _progress(progress)
-    task = bar.add_task("training", total=steps) if bar else None
+    task = bar.add_task("training", total=steps, completed=first_step - 1) if bar else None
     try:
         if bar:
             bar.start()
-        for step in range(1, steps + 1):
+        for step in range(first_step, steps + 1):
             group = [next(it) for _ in range(recipe.train.grad_accum)]
             n_tok = sum(b.num_tokens for b in group)
             t0 = time.perf_counter()
-            loss = float(train_step(session, [b.to(session.device) for b in group]))
+            try:
+                loss = float(train_step(session, [b.to(session.device) for b in group]))
+            except RuntimeError as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                phase = "first_step" if step == first_step else "steady_step"
+                session.optimizer.zero_grad(set_to_none=True)
+                raise explain(session, exc, phase, step, device_budget(session.device)) from exc
             dt = time.perf_counter() - t0
             if not math.isfinite(loss):
                 raise FituneError(
@@ -218,6 +248,9 @@ def train(
                     eval_losses[step] = row["eval_loss"] = ev
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
+            every = recipe.output.save_every
+            if every and step % every == 0 and step != steps:
+                save_checkpoint(session, out, step)
             if bar:
                 bar.update(
                     task,
