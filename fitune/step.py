@@ -1,13 +1,20 @@
 """The one training step: forward, loss, backward over the micro-batches, clip, optimizer step, zero-grad.
 
 Training calls it on real tensors and planning calls it on fake ones, so it never reads tensor values:
-no ``.item()``, no Python branch on tensor contents. Legend: B batch, T time, D hidden, V vocabulary.
+no ``.item()``, no Python branch on tensor contents. Legend: B batch, T time, D hidden, V vocabulary,
+N tokens (B*T flattened), C tokens of one loss chunk.
+
+Memory techniques applied here (the session builds them): the chunked cross-entropy (``session.loss_chunk``)
+and the activation offload (``session.offload``); gradient checkpointing lives in the model's layers.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from fitune.data.batching import Batch
 from fitune.data.dataset import IGNORE
@@ -21,20 +28,36 @@ def forward_hidden(session, batch: Batch) -> torch.Tensor:
     return out.last_hidden_state
 
 
-def token_loss_sum(session, hidden_BTD: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-    """Sum over target tokens of the cross-entropy, computed in fp32."""
-    lm = session.causal_lm
-    logits_BTV = lm.get_output_embeddings()(hidden_BTD)
-    cap = getattr(lm.config, "final_logit_softcapping", None)
-    logits_BTV = logits_BTV.float()
+def _loss_sum(head, cap: float | None, hidden_ND: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
+    logits_NV = head(hidden_ND).float()
     if cap:
-        logits_BTV = torch.tanh(logits_BTV / cap) * cap
-    return F.cross_entropy(
-        logits_BTV.view(-1, logits_BTV.shape[-1]),
-        targets_BT.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
-    )
+        logits_NV = torch.tanh(logits_NV / cap) * cap
+    return F.cross_entropy(logits_NV, targets_N, ignore_index=IGNORE, reduction="sum")
+
+
+def token_loss_sum(session, hidden_BTD: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """Sum over target tokens of the cross-entropy, computed in fp32.
+
+    With ``session.loss_chunk`` > 0 the tokens go through the output head in chunks of that many, each under
+    non-reentrant checkpointing: a chunk's logits are freed once its loss is known and recomputed in backward,
+    so at most one chunk's logits (and their gradient) exist at a time instead of all B*T*V of them.
+    """
+    lm = session.causal_lm
+    head = lm.get_output_embeddings()
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    hidden_ND = hidden_BTD.reshape(-1, hidden_BTD.shape[-1])
+    targets_N = targets_BT.reshape(-1)
+    chunk = session.loss_chunk
+    if chunk <= 0 or chunk >= targets_N.shape[0] or not torch.is_grad_enabled():
+        return _loss_sum(head, cap, hidden_ND, targets_N)
+    total = None
+    for hidden_CD, targets_C in zip(hidden_ND.split(chunk), targets_N.split(chunk), strict=True):
+        # no randomness in the head and the loss: no RNG state to save for the recompute
+        part = checkpoint(
+            _loss_sum, head, cap, hidden_CD, targets_C, use_reentrant=False, preserve_rng_state=False
+        )
+        total = part if total is None else total + part
+    return total
 
 
 def count_targets(batches: list[Batch]) -> torch.Tensor:
@@ -43,18 +66,22 @@ def count_targets(batches: list[Batch]) -> torch.Tensor:
 
 
 def micro_batch_loss(session, batch: Batch, n_targets: torch.Tensor) -> torch.Tensor:
-    with session.autocast():
+    offload = session.offload.hooks() if session.offload is not None else contextlib.nullcontext()
+    with session.autocast(), offload:
         hidden_BTD = forward_hidden(session, batch)
         return token_loss_sum(session, hidden_BTD, batch.targets_BT) / n_targets
 
 
 def train_step(session, batches: list[Batch]) -> torch.Tensor:
-    """One optimizer step over ``batches`` (the gradient-accumulation group); returns the mean token loss."""
-    n_targets = count_targets(batches)
+    """One optimizer step over ``batches`` (the gradient-accumulation group); returns the mean token loss.
+
+    Micro-batches may wait in host memory: each moves to the device only for its own forward and backward.
+    """
+    n_targets = count_targets(batches).to(session.device)
     total = torch.zeros((), device=session.device)
     scaler = session.grad_scaler
     for batch in batches:
-        loss = micro_batch_loss(session, batch, n_targets)
+        loss = micro_batch_loss(session, batch.to(session.device), n_targets)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total = total + loss.detach()
     if scaler is not None:

@@ -44,7 +44,9 @@ def measure(recipe) -> Measurement:
     def step():
         session = holder["session"]
         vocab = session.causal_lm.config.vocab_size
-        group = [synthetic_batch(t.batch_size, t.seq_len, vocab, device) for _ in range(t.grad_accum)]
+        group = [
+            synthetic_batch(t.batch_size, t.seq_len, vocab) for _ in range(t.grad_accum)
+        ]  # host, as in training
         train_step(session, group)
         del group
 

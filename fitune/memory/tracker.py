@@ -164,6 +164,10 @@ class MemoryTracker(TorchDispatchMode):
         self.allocator = allocator
         self.failed_at: tuple[str, str] | None = None  # (op, module) of the first op that raised
         self._off_device = 0
+        self._host_category: str | None = None
+        self._host_live: dict[str, int] = {}
+        self._host_refs: dict[int, weakref.ref] = {}  # id(storage) -> weakref whose callback frees its bytes
+        self._host_peaks: dict[str, dict[str, int]] = {}  # phase -> host category -> peak bytes
         self.live_bytes = 0
         self._live_by_category = dict.fromkeys(Category, 0)
         self._records: dict[int, _Storage] = {}  # id(storage) -> record, live storages only
@@ -224,14 +228,20 @@ class MemoryTracker(TorchDispatchMode):
         self._note("register_tensors")
 
     @contextmanager
-    def off_device(self) -> Iterator[None]:
+    def off_device(self, host_category: str | None = None) -> Iterator[None]:
         """Allocations made inside are not on the tracked device (e.g. weights staged in host memory before
-        they are quantized onto a GPU); tensors from here that stay alive are counted when registered."""
+        they are quantized onto a GPU); tensors from here that stay alive are counted when registered.
+
+        With `host_category` (e.g. "offloaded_activations", see `fitune/offload.py`) they are host memory the
+        run keeps: counted apart from the device total, as live bytes under that name, with a peak per
+        phase (`host_phase_peaks`); bytes as the tensors hold them, no allocator rounding."""
         self._off_device += 1
+        previous, self._host_category = self._host_category, host_category
         try:
             yield
         finally:
             self._off_device -= 1
+            self._host_category = previous
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -274,6 +284,10 @@ class MemoryTracker(TorchDispatchMode):
 
     def phase_peak_info(self, name: str) -> PeakInfo:
         return dataclasses.replace(self._phase_peaks[name])
+
+    def host_phase_peaks(self) -> dict[str, dict[str, int]]:
+        """Phase -> host category -> the most host bytes of that category live in the phase."""
+        return {phase: dict(peaks) for phase, peaks in self._host_peaks.items()}
 
     def live_breakdown(self) -> dict[Category, int]:
         return dict(self._live_by_category)
@@ -318,7 +332,7 @@ class MemoryTracker(TorchDispatchMode):
             if self.failed_at is None:  # the op and module that could not run, for the caller's message
                 self.failed_at = (str(func), self._where()[0])
             raise
-        if self._off_device:
+        if self._off_device and self._host_category is None:
             return out
         returns = func._schema.returns
         if not returns:
@@ -334,8 +348,13 @@ class MemoryTracker(TorchDispatchMode):
             for t in tree_leaves(value):
                 if isinstance(t, torch.Tensor):
                     produced = True
-                    self._on_output(t, aliased)
-        if produced:  # metadata queries (prim.device under FakeTensorMode, sym_size...) are no events
+                    if not self._off_device:
+                        self._on_output(t, aliased)
+                    elif not aliased:
+                        self._add_host(t, self._host_category)
+        if (
+            produced and not self._off_device
+        ):  # metadata queries (prim.device under FakeTensorMode, sym_size...) are no events
             self._note(str(func))
         return out
 
@@ -376,6 +395,19 @@ class MemoryTracker(TorchDispatchMode):
         self._move(category, nb)
         if self.allocator is not None:
             self.allocator.malloc(id(rec), nb)
+
+    def _add_host(self, t: torch.Tensor, category: str) -> None:
+        for st in _storages(t):
+            nb = int(st.nbytes())
+            self._host_refs[id(st)] = weakref.ref(st, partial(self._on_host_free, id(st), category, nb))
+            self._host_live[category] = live = self._host_live.get(category, 0) + nb
+            peaks = self._host_peaks.setdefault(self._phase, {})
+            peaks[category] = max(peaks.get(category, 0), live)
+
+    def _on_host_free(self, key: int, category: str, nb: int, ref: weakref.ref) -> None:
+        if self._host_refs.get(key) is ref:
+            del self._host_refs[key]
+        self._host_live[category] -= nb
 
     def _on_free(self, key: int, rec: _Storage, _ref: weakref.ref) -> None:
         if self._records.get(key) is rec:

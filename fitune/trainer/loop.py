@@ -218,7 +218,7 @@ def train(
             n_tok = sum(b.num_tokens for b in group)
             t0 = time.perf_counter()
             try:
-                loss = float(train_step(session, [b.to(session.device) for b in group]))
+                loss = float(train_step(session, group))
             except RuntimeError as exc:
                 if not is_out_of_memory(exc):
                     raise
