@@ -35,14 +35,30 @@ def model_config_of(recipe) -> dict | None:
         return None
 
 
+def planned_peak(recipe, env) -> int | None:
+    """The plan's peak for the environment's device (None when the step cannot be planned)."""
+    from fitune.planner import plan
+
+    target = "cpu" if env.device_type == "cpu" else (env.gpu.name if env.simulated and env.gpu else "cuda")
+    try:
+        return plan(recipe.updated({"hardware.device": target})).peak_bytes
+    except FituneError:
+        return None
+
+
 def doctor(
-    recipe, *, env=None, planned_peak_bytes: int | None = None, training: bool = False
+    recipe,
+    *,
+    env=None,
+    planned_peak_bytes: int | None = None,
+    training: bool = False,
+    with_plan: bool = True,
 ) -> list[Finding]:
-    """Check a recipe against its environment; findings come errors first."""
+    """Check a recipe against its environment, memory fit included; findings come errors first."""
+    env = env if env is not None else environment_for(recipe, training=training)
+    if planned_peak_bytes is None and with_plan:
+        planned_peak_bytes = planned_peak(recipe, env)
     ctx = DoctorContext(
-        recipe=recipe,
-        env=env if env is not None else environment_for(recipe, training=training),
-        model_config=model_config_of(recipe),
-        planned_peak_bytes=planned_peak_bytes,
+        recipe=recipe, env=env, model_config=model_config_of(recipe), planned_peak_bytes=planned_peak_bytes
     )
     return run_rules(ctx)
