@@ -70,7 +70,11 @@ def train(
         from fitune.preflight import doctor as run_doctor
         from fitune.trainer.loop import train as run_train
 
-        findings = run_doctor(r, training=True)
+        from fitune.preflight import environment_for
+        from fitune.preflight.run import planned_peak
+
+        env = environment_for(r, training=True)
+        findings = run_doctor(r, env=env, planned_peak_bytes=planned_peak(r, env), training=True)
         if findings:
             _print_findings(findings)
         if any(f.severity == "error" for f in findings) and not force:
