@@ -131,7 +131,9 @@ class HardwareSpec(_Strict):
 class OutputSpec(_Strict):
     dir: str = Field("runs/run", description="Run folder: metrics, adapter or model, resolved recipe.")
     save_every: int | None = Field(
-        None, ge=1, description="Steps between checkpoints (trainable weights + optimizer); none = only at the end."
+        None,
+        ge=1,
+        description="Steps between checkpoints (trainable weights + optimizer); none = only at the end.",
     )
 
 
