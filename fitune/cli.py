@@ -152,15 +152,140 @@ def _print_plan(p, recipe) -> None:
         console.print(f"note: {note}", highlight=False)
 
 
+def _plan_base(target: str, seq_len: Optional[int]):
+    """The recipe a plan starts from: a recipe file, or fitune's defaults for a catalog model (effective batch
+    8 as micro-batch 4 x accumulation 2)."""
+    from fitune.models.catalog import get_model, model_names
+    from fitune.planner.candidates import DEFAULT_EFFECTIVE_BATCH
+    from fitune.recipe import Recipe
+
+    path = Path(target)
+    if path.is_file() or target.endswith((".yaml", ".yml")):
+        r = _load(path)
+        return (r.updated({"train.seq_len": seq_len}) if seq_len else r), False
+    entry = get_model(target)
+    if entry is None:
+        raise FituneError(
+            f"{target!r} is neither a recipe file nor a catalog model; fix: give a recipe .yaml path, or one "
+            f"of: {', '.join(model_names())} (`fitune models` lists them)"
+        )
+    train = {"batch_size": 4, "grad_accum": DEFAULT_EFFECTIVE_BATCH // 4}
+    if seq_len:
+        train["seq_len"] = seq_len
+    return Recipe.from_dict({"model": {"source": entry.name}, "train": train}), True
+
+
+def _print_search(result, top: int, from_defaults: bool) -> None:
+    from rich.table import Table
+
+    from fitune.planner.candidates import describe
+    from fitune.planner.report import change_text, twin_text
+
+    t, base = result.target, result.base
+    console.print(
+        f"[bold]plan search[/] {base.model.source or 'inline config'} on {t.label}: usable "
+        f"{_gib(result.usable_bytes)} after a {result.margin:.0%} margin; seq_len {result.seq_len}, "
+        f"effective batch {result.effective_batch}",
+        highlight=False,
+    )
+    counts = result.counts()
+    console.print(
+        f"{len(result.candidates)} configurations: "
+        + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items())
+        + f"; {result.structures_traced} structure(s) traced ({result.fake_runs} fake runs) in "
+        + f"{result.seconds:.1f} s",
+        highlight=False,
+    )
+    if result.ranked:
+        table = Table(
+            title=f"fastest configurations that fit ({min(top, len(result.ranked))} of {len(result.ranked)})"
+        )
+        table.add_column("#", justify="right")
+        table.add_column("configuration")
+        table.add_column("peak GiB", justify="right")
+        table.add_column("free GiB", justify="right")
+        table.add_column("tokens/s", justify="right")
+        table.add_column("changes from " + ("your recipe" if not from_defaults else "the defaults"))
+        for i, c in enumerate(result.ranked[:top]):
+            speed = f"{c.speed.tokens_per_s:,.0f}" if c.speed.tokens_per_s is not None else "-"
+            twins = twin_text(c.twins)
+            table.add_row(
+                str(i + 1),
+                describe(c.settings) + (f" ({twins})" if twins else ""),
+                f"{c.peak_bytes / 2**30:,.2f}",
+                f"{(t.memory_bytes - c.peak_bytes) / 2**30:,.2f}",
+                speed,
+                change_text(c, base),
+            )
+        console.print(table)
+        best = result.ranked[0]
+        largest = sorted(best.breakdown.items(), key=lambda kv: -kv[1])[:4]
+        console.print(
+            f"chosen: #1, peak {_gib(best.peak_bytes)} at the {best.peak_region} "
+            f"({', '.join(f'{k} {v / 2**30:.2f}' for k, v in largest)} GiB)",
+            highlight=False,
+        )
+    else:
+        console.print("[bold red]nothing fits[/]; the least each method needs:")
+        for kind in ("full", "lora", "qlora"):
+            big = [
+                c for c in result.candidates if c.status == "too_big" and c.settings["method.kind"] == kind
+            ]
+            if big:
+                least = min(big, key=lambda c: c.peak_bytes)
+                console.print(f"  {kind}: {least.reason}", markup=False, highlight=False, soft_wrap=True)
+        console.print("what would fit:")
+        for s in result.suggestions:
+            console.print(f"  - {s}", highlight=False, soft_wrap=True)
+    reasons: dict[str, int] = {}
+    for c in result.candidates:
+        if c.status in ("ruled_out", "pruned"):
+            key = f"pruned: {c.reason}" if c.status == "pruned" else c.reason
+            reasons[key] = reasons.get(key, 0) + 1
+    if reasons:
+        console.print("ruled out:", highlight=False)
+        for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:8]:
+            console.print(f"  {n:>5} x {reason}", markup=False, highlight=False, soft_wrap=True)
+    for line in (*result.notes, *result.assumptions):
+        console.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _portable(recipe):
+    """The recipe with its relative data and model paths made absolute, so it can be written elsewhere."""
+    changes = {}
+    if recipe.data is not None and not Path(recipe.data.path).is_absolute():
+        changes["data.path"] = str(recipe.resolve_path(recipe.data.path).resolve())
+    src = recipe.model.source
+    if src and not Path(src).is_absolute() and recipe.resolve_path(src).exists():
+        changes["model.source"] = str(recipe.resolve_path(src).resolve())
+    return recipe.updated(changes) if changes else recipe
+
+
 @app.command()
 def plan(
-    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
-    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
-    gpu: Optional[str] = typer.Option(
-        None, help="Plan for this device instead of hardware.device (cpu, a catalog GPU)."
+    recipe: str = typer.Argument(
+        ..., help="Recipe YAML file, or a catalog model name (see `fitune models`)."
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan (or the search) as JSON."),
+    gpu: Optional[str] = typer.Option(
+        None, help="Search the configurations that fit this catalog GPU (or cpu)."
+    ),
+    budget: Optional[float] = typer.Option(None, help="Search the configurations that fit this many GiB."),
+    search: Optional[bool] = typer.Option(
+        None,
+        "--search/--no-search",
+        help="Search configurations (default with --gpu, --budget or a model name); --no-search plans the "
+        "recipe alone on --gpu.",
+    ),
+    margin: float = typer.Option(0.10, help="Share of the memory kept free for what the plan cannot see."),
+    top: int = typer.Option(10, help="Rows of the ranked table."),
+    method: Optional[list[str]] = typer.Option(None, help="Search only this method (repeat for several)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Plan this sequence length."),
+    write: Optional[Path] = typer.Option(None, help="Write the chosen configuration as a recipe here."),
+    report: Optional[Path] = typer.Option(None, help="Write an HTML report with memory charts here."),
 ) -> None:
-    """Predict the run's peak memory, phase by phase, before loading a weight."""
+    """Predict peak memory before loading a weight; with --gpu/--budget, find the fastest configuration
+    that fits."""
     import time
 
     from fitune.logs import quiet_libraries
@@ -168,12 +293,17 @@ def plan(
     start = time.perf_counter()
     quiet_libraries()
     try:
-        r = _load(recipe)
-        if gpu:
-            r = r.updated({"hardware.device": gpu})
-        from fitune.planner import plan as make_plan
+        r, from_model = _plan_base(recipe, seq_len)
+        searching = search if search is not None else bool(gpu or budget is not None or from_model)
+        if not searching:
+            if gpu:
+                r = r.updated({"hardware.device": gpu})
+            from fitune.planner import plan as make_plan
 
-        p = make_plan(r)
+            p = make_plan(r)
+        else:
+            _plan_search(r, gpu, budget, margin, top, method, as_json, write, report, start, from_model)
+            return
     except RecipeError as exc:
         _fail(exc, EXIT_INVALID_RECIPE)
     except FituneError as exc:
@@ -185,6 +315,72 @@ def plan(
         return
     _print_plan(p, r)
     console.print(f"wall time {time.perf_counter() - start:.1f} s (imports included)", highlight=False)
+
+
+def _plan_search(r, gpu, budget, margin, top, methods, as_json, write, report, start, from_defaults) -> None:
+    import time
+
+    from fitune.planner import plan as make_plan
+    from fitune.planner.candidates import METHODS, resolve_target
+    from fitune.planner.report import html_report, search_json
+    from fitune.planner.search import search as run_search
+
+    target = resolve_target(r, gpu, budget)
+    progress = None if as_json else (lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))
+    result = run_search(
+        r, target, margin=margin, top=top, methods=tuple(methods or METHODS), progress=progress
+    )
+    chosen_plan = None
+    if result.ranked and (write or report):
+        chosen = result.recipe_of(result.ranked[0])
+        # flash-attn cannot be traced without CUDA; its memory is planned as sdpa's (see planner/anchors.py)
+        chosen_plan = make_plan(chosen.updated({"train.attention": "sdpa"}))
+    if write:
+        if not result.ranked:
+            raise FituneError(f"--write {write}: nothing fits, so there is no configuration to write")
+        write.write_text(_portable(result.recipe_of(result.ranked[0])).to_yaml())
+    if report:
+        report.write_text(html_report(result, chosen_plan=chosen_plan, top=top), encoding="utf-8")
+    if as_json:
+        doc = search_json(result, chosen_plan=chosen_plan)
+        doc["wall_seconds"] = time.perf_counter() - start
+        print(json.dumps(doc, indent=2))
+        return
+    _print_search(result, top, from_defaults)
+    if chosen_plan is not None:
+        console.print(
+            f"direct plan of the chosen configuration: peak {_gib(chosen_plan.peak_bytes)} "
+            f"(search: {_gib(result.ranked[0].peak_bytes)})",
+            highlight=False,
+        )
+    if write:
+        console.print(f"wrote {write} (check it with `fitune validate {write}`)")
+    if report:
+        console.print(f"wrote {report}")
+    console.print(f"wall time {time.perf_counter() - start:.1f} s (imports included)", highlight=False)
+
+
+@app.command()
+def models() -> None:
+    """List the architecture catalog: short name, Hugging Face id, parameters."""
+    from rich.table import Table
+
+    from fitune.errors import ModelSourceError
+    from fitune.models.catalog import models as catalog_models
+
+    table = Table(
+        title="model catalog (architectures only: plan them by name, e.g. `fitune plan NAME --gpu t4`)"
+    )
+    table.add_column("name")
+    table.add_column("hf id")
+    table.add_column("params", justify="right")
+    for m in catalog_models():
+        try:
+            params = f"{m.param_count() / 1e9:,.2f} B"
+        except ModelSourceError:
+            params = "-"
+        table.add_row(m.name, m.hf_id, params)
+    console.print(table)
 
 
 @app.command()

@@ -99,6 +99,16 @@ class TrainSpec(_Strict):
         "autocast; bf16-pure stores and trains everything in bf16.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    checkpoint_layers: Union[Literal["all"], str, list[int]] = Field(
+        "all",
+        description="Decoder layers that gradient checkpointing recomputes: all, every_N (layers 0, N, "
+        "2N, ...), or a list of layer indices.",
+    )
+    offload_activations: bool = Field(
+        False,
+        description="Keep the activations saved for backward in host memory between forward and backward "
+        "(GPU only; no effect on a CPU device).",
+    )
     attention: Attention = Field("sdpa", description="eager | sdpa | flash_attention_2.")
     loss_chunk: Union[int, Literal["auto"]] = Field(
         0, description="0 = plain loss; N = chunked cross-entropy over N-token chunks; auto."
@@ -119,6 +129,31 @@ class TrainSpec(_Strict):
                 "fix: set loss_chunk: 0"
             )
         return value
+
+    @field_validator("checkpoint_layers", mode="before")
+    @classmethod
+    def _checkpoint_layers(cls, value: Any) -> Any:
+        fix = "fix: use all, every_2 (or another every_N), or a list of layer indices such as [0, 1, 2]"
+        if isinstance(value, str):
+            if value == "all" or (re.fullmatch(r"every_[1-9][0-9]*", value) is not None):
+                return value
+            raise ValueError(f"{value!r} is not allowed; allowed: all, every_N with N >= 1, a list; {fix}")
+        if isinstance(value, list) and value and all(type(i) is int and i >= 0 for i in value):
+            if len(set(value)) != len(value):
+                raise ValueError(f"{value!r} lists a layer twice; fix: list each layer index once")
+            return sorted(value)
+        raise ValueError(
+            f"{value!r} is not allowed; allowed: all, every_N, a non-empty list of indices >= 0; {fix}"
+        )
+
+    @model_validator(mode="after")
+    def _checkpoint_layers_need_checkpointing(self) -> TrainSpec:
+        if self.checkpoint_layers != "all" and not self.gradient_checkpointing:
+            raise ValueError(
+                f"checkpoint_layers: {self.checkpoint_layers!r} chooses layers to recompute, and "
+                "gradient_checkpointing is false; fix: set gradient_checkpointing: true, or remove checkpoint_layers"
+            )
+        return self
 
 
 class HardwareSpec(_Strict):

@@ -7,6 +7,7 @@ The one builder serves training (real weights) and planning (``fake=True``: the 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,8 @@ from torch import nn
 from fitune.errors import FituneError
 from fitune.logs import quiet_libraries
 from fitune.models import sources
+from fitune.offload import ActivationOffload, offload_for
+from fitune.optimizers import build_optimizer
 from fitune.recipe import Recipe
 
 quiet_libraries()
@@ -39,6 +42,8 @@ class Session:
     grad_scaler: Any = None
     source: sources.ResolvedSource | None = None
     notes: list[str] = field(default_factory=list)
+    loss_chunk: int = 0  # tokens per chunk of the chunked cross-entropy; 0 = plain loss
+    offload: ActivationOffload | None = None  # saved-tensor hooks of train.offload_activations
 
     @property
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -91,6 +96,7 @@ def build_model(
 
     dtype = storage_dtype(recipe)
     attn = recipe.train.attention
+    check_attention(attn, device, fake=fake)
     config = source.config
     config.use_cache = False
     if source.weights_dir is not None and not fake:
@@ -115,6 +121,75 @@ def build_model(
     if device.type != "cpu" and not stage_on_host:  # built on the CPU; fake tensors stay there
         model = model.to(device)
     return model
+
+
+def check_attention(attn: str, device: torch.device, *, fake: bool) -> None:
+    """Refuse an attention kernel this machine cannot run, naming the fix (transformers' own errors do not)."""
+    if attn != "flash_attention_2":
+        return
+    fix = "or set train.attention: sdpa (PyTorch's fused attention, which runs everywhere)"
+    if not fake and device.type != "cuda":
+        raise FituneError(
+            f"train.attention: 'flash_attention_2' runs on NVIDIA GPUs (Ampere or newer) only, and this run's "
+            f"device is {device.type}; fix: train on a CUDA GPU, {fix}"
+        )
+    if importlib.util.find_spec("flash_attn") is None:
+        raise FituneError(
+            "train.attention: 'flash_attention_2' needs the flash-attn package, which is not installed; fix: "
+            f"`pip install flash-attn --no-build-isolation` on a machine with CUDA, {fix}"
+        )
+    if not torch.cuda.is_available():
+        raise FituneError(
+            "train.attention: 'flash_attention_2' is only built and planned where CUDA is available (its "
+            f"kernels are CUDA-only), and this machine has no CUDA device; fix: plan on the GPU machine, {fix}"
+        )
+
+
+def checkpoint_period(recipe: Recipe, num_layers: int) -> int:
+    """Length of the repeating pattern of checkpointed layers: 1 (all or none), N (every_N), the whole depth
+    (a list of layers)."""
+    t = recipe.train
+    if not t.gradient_checkpointing or t.checkpoint_layers == "all":
+        return 1
+    if isinstance(t.checkpoint_layers, str):
+        return int(t.checkpoint_layers.removeprefix("every_"))
+    return num_layers
+
+
+def apply_checkpointing(recipe: Recipe, model: nn.Module) -> list[int]:
+    """Recompute the chosen decoder layers in backward (non-reentrant: correct with a frozen base, and no
+    input needs ``requires_grad``). Returns the indices of the checkpointed layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    t = recipe.train
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    choice = t.checkpoint_layers
+    if isinstance(choice, list) and choice[-1] >= len(layers):
+        raise FituneError(
+            f"train.checkpoint_layers: {choice!r} names layer {choice[-1]}, and this model has {len(layers)} "
+            f"decoder layers (0 to {len(layers) - 1}); fix: list indices below {len(layers)}"
+        )
+    every = 1 if choice == "all" or isinstance(choice, list) else int(choice.removeprefix("every_"))
+    model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every
+    )
+    if isinstance(choice, list):
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i in choice
+    # transformers also makes the embeddings' output require grad, which only the reentrant variant needs;
+    # without it the backward stops at the first layer instead of computing an unused input gradient
+    model.disable_input_require_grads()
+    return [i for i, layer in enumerate(layers) if layer.gradient_checkpointing]
+
+
+AUTO_CHUNK_LOGITS = 1 << 24  # loss_chunk auto: chunks of at most 16M logits (64 MiB in fp32)
+
+
+def resolve_loss_chunk(loss_chunk: int | str, vocab_size: int) -> int:
+    """Tokens per chunk of the chunked cross-entropy (0 = plain loss); ``auto`` bounds a chunk's logits."""
+    if loss_chunk == "auto":
+        return max(16, AUTO_CHUNK_LOGITS // vocab_size)
+    return int(loss_chunk)
 
 
 def apply_method(recipe: Recipe, model: nn.Module, device: torch.device) -> nn.Module:
@@ -159,20 +234,6 @@ def apply_method(recipe: Recipe, model: nn.Module, device: torch.device) -> nn.M
     return peft_model
 
 
-def build_optimizer(recipe: Recipe, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    t = recipe.train
-    if not params:
-        raise FituneError("no parameter is trainable; fix: check method.kind and method.targets")
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
-    import bitsandbytes as bnb
-
-    cls = bnb.optim.AdamW8bit if t.optimizer == "adamw8bit" else bnb.optim.PagedAdamW8bit
-    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
-
-
 def cosine_schedule(optimizer, warmup_steps: int, total_steps: int, min_ratio: float):
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -197,7 +258,9 @@ def build_session(
     """Build everything a training step needs. With ``fake=True`` no weights or tokenizer are read.
 
     ``host_staging`` (planning for a GPU) is a context factory that marks host-memory work: QLoRA stages the
-    full-precision model on the host and only its quantized layers reach the device.
+    full-precision model on the host and only its quantized layers reach the device; with
+    ``host_category="offloaded_activations"`` it holds the activations ``train.offload_activations`` moves
+    to the host (``fitune/offload.py``), which the tracker counts as host memory.
     """
     device = torch.device(device) if device is not None else resolve_device(recipe.hardware.device)
     if source is None:
@@ -211,14 +274,22 @@ def build_session(
     with host_staging() if (stage and host_staging is not None) else contextlib.nullcontext():
         model = build_model(recipe, source, device, fake=fake, stage_on_host=stage)
     if recipe.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        apply_checkpointing(recipe, model)
     model = apply_method(recipe, model, device)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(recipe, params)
+    optimizer = build_optimizer(recipe, params, fake=fake)
     steps = total_steps or recipe.train.max_steps or 1
     scheduler = cosine_schedule(optimizer, recipe.train.warmup_steps, steps, recipe.train.min_lr_ratio)
+    notes = []
+    offload = offload_for(
+        recipe.train.offload_activations, model, device, fake=fake, host_memory=host_staging
+    )
+    if recipe.train.offload_activations and offload is None:
+        notes.append(
+            "train.offload_activations: activations already live in host memory on a CPU; nothing moves"
+        )
     scaler = None
     if recipe.train.precision == "fp16" and not fake:
         scaler = torch.amp.GradScaler(device.type)
@@ -233,4 +304,7 @@ def build_session(
         compute_dtype=compute_dtype(recipe),
         tokenizer=tokenizer,
         source=source,
+        notes=notes,
+        loss_chunk=resolve_loss_chunk(recipe.train.loss_chunk, causal_lm.config.vocab_size),
+        offload=offload,
     )

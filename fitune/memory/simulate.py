@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fitune.errors import PlanError
+from fitune.errors import FituneError, PlanError
 
 PHASES = ("load", "first_step", "steady_step")
 
@@ -162,7 +162,7 @@ def simulate(
                     ]
                     train_step(session, group)
                     del group
-    except PlanError:
+    except FituneError:  # a user error the session builder names with its fix (PlanError included)
         raise
     except Exception as exc:  # noqa: BLE001 - any failure inside the fake run must name where it happened
         op, module = tracker.failed_at or ("(before any op)", "setup")

@@ -8,6 +8,7 @@ is affine in the number of identical layer groups, so the full depth follows exa
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,8 @@ class Plan:
     cuda: dict[str, int] = field(default_factory=dict)  # allocated / reserved / device totals (CUDA)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # host memory the run keeps off the device, not part of peak_bytes: offloaded_activations -> peak bytes
+    host: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,6 +71,7 @@ def plan(recipe, *, full_trace: bool = False) -> Plan:
     """Predict the memory of ``recipe`` on its target (``hardware.device``) without loading a weight."""
     from fitune.memory.devices import device_model
     from fitune.models import sources
+    from fitune.session import checkpoint_period
 
     _import_method_libraries(recipe)
     start = time.perf_counter()
@@ -75,7 +79,8 @@ def plan(recipe, *, full_trace: bool = False) -> Plan:
     model = device_model(target["device"], target["gpu"])
     source = sources.resolve(recipe, need_weights=False)
     num_layers = source.config.num_hidden_layers
-    period = layer_period(source.config)
+    # layers checkpointed by a pattern (every_N) repeat with it; a list of layers is traced in full
+    period = math.lcm(layer_period(source.config), checkpoint_period(recipe, num_layers))
 
     def run(n: int) -> Simulation:
         return simulate(
@@ -90,7 +95,7 @@ def plan(recipe, *, full_trace: bool = False) -> Plan:
     # lazy one-time initialisations (caches inside torch and the libraries) must not land in a trace
     small = recipe.updated({"train.batch_size": 1, "train.seq_len": 8, "train.grad_accum": 1})
     simulate(small, source=source, num_layers=period, host_is_device=model.kind == "cpu")
-    if full_trace or num_layers <= FULL_TRACE_MAX_LAYERS or num_layers % period:
+    if full_trace or num_layers <= FULL_TRACE_MAX_LAYERS or num_layers % period or 2 * period > num_layers:
         sims = [run(num_layers)]
         k = 0.0
     else:
@@ -131,6 +136,14 @@ def plan(recipe, *, full_trace: bool = False) -> Plan:
         cuda = cuda_totals(allocated[peak_ph], allocated[peak_ph] + slack, model)
         overheads = {o.name: o.bytes for o in model.overheads()}
     peak_phase = max(PHASES, key=lambda ph: phases[ph])
+    host_names = {c for s in sims for peaks in s.phase_host_peaks.values() for c in peaks}
+    host = {
+        c: max(
+            _affine(a.phase_host_peaks.get(ph, {}).get(c, 0), b.phase_host_peaks.get(ph, {}).get(c, 0), k)
+            for ph in PHASES
+        )
+        for c in sorted(host_names)
+    }
     return Plan(
         peak_bytes=phases[peak_phase],
         phases=phases,
@@ -147,6 +160,7 @@ def plan(recipe, *, full_trace: bool = False) -> Plan:
         overheads=overheads,
         cuda=cuda,
         seconds=time.perf_counter() - start,
+        host=host,
     )
 
 
