@@ -111,7 +111,7 @@ def _gpu_that_fits(
     result: SearchResult, settings: dict[str, Any], peak: int
 ) -> tuple[str, int, int, list[str]] | None:
     """Smallest-memory catalog GPU (then the fastest) that holds ``peak`` under the margin and runs the
-    configuration's attention kernel; the peak is moved by the difference in cuBLAS workspaces."""
+    configuration's precision and attention kernel; the peak is moved by the difference in cuBLAS workspaces."""
     from fitune.hardware.catalog import gpus
     from fitune.memory.devices import device_model
 
@@ -125,6 +125,8 @@ def _gpu_that_fits(
     fitting = []
     for gpu in gpus():
         if settings["train.attention"] == "flash_attention_2" and not gpu.flash_attention_2:
+            continue
+        if settings["train.precision"] == "bf16" and not gpu.bf16:
             continue
         need = peak - here + workspaces(gpu)
         if need <= gpu.memory_bytes * (1 - result.margin) and gpu.memory_bytes > result.target.memory_bytes:
