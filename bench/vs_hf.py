@@ -407,7 +407,7 @@ def main() -> None:
         f"({elapsed:.0f} s; {torch.get_num_threads()} threads; torch {torch.__version__}).",
         "",
         "Same model, random full-length token rows, sequence length, micro-batch, LoRA r=16 / alpha=32 on all "
-        "linear layers, bf16 autocast over bf16 frozen weights, lr 2e-4. Peak: torch.profiler memory timeline "
+        "linear layers, bf16 autocast over bf16 frozen weights, lr 2e-4. Peak: torch.profiler CPU allocation events "
         "over the whole run (load included), CPU allocator bytes, both paths. Tokens/s: steps after the first, best of "
         f"{args.rounds} alternating runs. fitune best settings per config are listed below the table.",
         "",
