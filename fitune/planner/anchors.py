@@ -46,12 +46,11 @@ from __future__ import annotations
 
 import difflib
 import functools
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from fitune.memory.simulate import Simulation, simulate
-from fitune.planner.plan import FULL_TRACE_MAX_LAYERS, layer_period
+from fitune.memory.simulate import Simulation
+from fitune.planner.plan import traced_runs
 
 STEP_STAGES = ("backward", "recompute")
 FROZEN = ("frozen_weights", "quant_state")
@@ -118,29 +117,8 @@ def trace(recipe, *, source, device_model, warm_up: bool = True) -> Anchor:
     """Trace ``recipe`` at 2p and 3p decoder layers (or all of them), as ``plan()`` does. ``warm_up=False``
     skips the small first run that keeps lazy initialisations out of the trace, when one of this structure
     and optimizer already ran."""
-    from fitune.session import checkpoint_period
-
-    config = source.config
-    num_layers = config.num_hidden_layers
-    period = math.lcm(layer_period(config), checkpoint_period(recipe, num_layers))
-    cpu = device_model.kind == "cpu"
-
-    def run(n: int) -> Simulation:
-        return simulate(
-            recipe,
-            source=source,
-            num_layers=n,
-            round_bytes=device_model.round_bytes,
-            allocator=device_model.new_allocator(),
-            host_is_device=cpu,
-        )
-
-    if warm_up:
-        small = recipe.updated({"train.batch_size": 1, "train.seq_len": 8, "train.grad_accum": 1})
-        simulate(small, source=source, num_layers=period, host_is_device=cpu)
-    if num_layers <= FULL_TRACE_MAX_LAYERS or num_layers % period or 2 * period > num_layers:
-        return Anchor([_depth(run(num_layers))], 0.0)
-    return Anchor([_depth(run(2 * period)), _depth(run(3 * period))], num_layers / period - 2)
+    sims, k = traced_runs(recipe, source=source, device_model=device_model, warm_up=warm_up)
+    return Anchor([_depth(sim) for sim in sims], k)
 
 
 @dataclass(frozen=True)

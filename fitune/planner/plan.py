@@ -67,11 +67,44 @@ def _renumber(module: str, traced: int, num_layers: int) -> str:
     )
 
 
+def traced_runs(
+    recipe, *, source, device_model, full_trace: bool = False, warm_up: bool = True
+) -> tuple[list[Simulation], float]:
+    """Fake runs of ``recipe`` at 2p and 3p decoder layers (or all of them) on ``device_model``, and the
+    number of layer groups beyond the shorter run: full depth = a + k * (b - a) for every figure.
+    ``warm_up=False`` skips the small first run that keeps lazy one-time initialisations (caches inside
+    torch and the libraries) out of the traces, when the caller already ran one of this structure."""
+    from fitune.session import checkpoint_period
+
+    num_layers = source.config.num_hidden_layers
+    # layers checkpointed by a pattern (every_N) repeat with it; a list of layers is traced in full
+    period = math.lcm(layer_period(source.config), checkpoint_period(recipe, num_layers))
+    on_host = device_model.kind == "cpu"
+
+    def run(n: int) -> Simulation:
+        return simulate(
+            recipe,
+            source=source,
+            num_layers=n,
+            round_bytes=device_model.round_bytes,
+            allocator=device_model.new_allocator(),
+            host_is_device=on_host,
+        )
+
+    if warm_up:
+        small = recipe.updated({"train.batch_size": 1, "train.seq_len": 8, "train.grad_accum": 1})
+        simulate(small, source=source, num_layers=period, host_is_device=on_host)
+    if full_trace or num_layers <= FULL_TRACE_MAX_LAYERS or num_layers % period or 2 * period > num_layers:
+        return [run(num_layers)], 0.0
+    # two and three layer groups: the first group's load differs from the others (embeddings are
+    # initialised before it), from the second on every group adds the same bytes
+    return [run(2 * period), run(3 * period)], num_layers / period - 2
+
+
 def plan(recipe, *, full_trace: bool = False) -> Plan:
     """Predict the memory of ``recipe`` on its target (``hardware.device``) without loading a weight."""
     from fitune.memory.devices import device_model
     from fitune.models import sources
-    from fitune.session import checkpoint_period
 
     _import_method_libraries(recipe)
     start = time.perf_counter()
@@ -79,30 +112,7 @@ def plan(recipe, *, full_trace: bool = False) -> Plan:
     model = device_model(target["device"], target["gpu"])
     source = sources.resolve(recipe, need_weights=False)
     num_layers = source.config.num_hidden_layers
-    # layers checkpointed by a pattern (every_N) repeat with it; a list of layers is traced in full
-    period = math.lcm(layer_period(source.config), checkpoint_period(recipe, num_layers))
-
-    def run(n: int) -> Simulation:
-        return simulate(
-            recipe,
-            source=source,
-            num_layers=n,
-            round_bytes=model.round_bytes,
-            allocator=model.new_allocator(),
-            host_is_device=model.kind == "cpu",
-        )
-
-    # lazy one-time initialisations (caches inside torch and the libraries) must not land in a trace
-    small = recipe.updated({"train.batch_size": 1, "train.seq_len": 8, "train.grad_accum": 1})
-    simulate(small, source=source, num_layers=period, host_is_device=model.kind == "cpu")
-    if full_trace or num_layers <= FULL_TRACE_MAX_LAYERS or num_layers % period or 2 * period > num_layers:
-        sims = [run(num_layers)]
-        k = 0.0
-    else:
-        # two and three layer groups: the first group's load differs from the others (embeddings are
-        # initialised before it), from the second on every group adds the same bytes
-        sims = [run(2 * period), run(3 * period)]
-        k = num_layers / period - 2
+    sims, k = traced_runs(recipe, source=source, device_model=model, full_trace=full_trace)
     a, b = sims[0], sims[-1]
 
     def at_depth(field_a: dict, field_b: dict) -> dict:
