@@ -109,9 +109,16 @@ class TrainSpec(_Strict):
         description="Keep the activations saved for backward in host memory between forward and backward "
         "(GPU only; no effect on a CPU device).",
     )
+    lean_activations: bool = Field(
+        True,
+        description="Keep fewer tensors for backward in Llama-family norms and SwiGLU MLPs (recomputed "
+        "elementwise in backward; same values).",
+    )
     attention: Attention = Field("sdpa", description="eager | sdpa | flash_attention_2.")
     loss_chunk: Union[int, Literal["auto"]] = Field(
-        0, description="0 = plain loss; N = chunked cross-entropy over N-token chunks; auto."
+        0,
+        description="0 = plain loss; N = fused cross-entropy over N-token chunks (gradients computed in "
+        "the forward pass); auto.",
     )
     optimizer: Optimizer = Field("adamw", description="adamw | adamw8bit | paged_adamw8bit | sgd.")
     seed: int = Field(0, ge=0, description="Seed for weights init, data order, dropout.")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fitune import lean
 from fitune.errors import FituneError
 from fitune.logs import quiet_libraries
 from fitune.models import sources
@@ -44,6 +45,7 @@ class Session:
     notes: list[str] = field(default_factory=list)
     loss_chunk: int = 0  # tokens per chunk of the chunked cross-entropy; 0 = plain loss
     offload: ActivationOffload | None = None  # saved-tensor hooks of train.offload_activations
+    derived: lean.Derived | None = None  # saved-tensor hooks of train.lean_activations
 
     @property
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -231,6 +233,14 @@ def apply_method(recipe: Recipe, model: nn.Module, device: torch.device) -> nn.M
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype != want:
             p.data = p.data.to(want)
+    if compute_dtype(recipe) is not None:
+        # peft casts each adapter's input to the adapter's fp32 and autocast casts it back: a new copy per
+        # adapter, kept for backward (q, k and v keep three). Autocast alone computes the same product.
+        from peft.tuners.lora import LoraLayer
+
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer):
+                module.cast_input_dtype_enabled = False
     return peft_model
 
 
@@ -277,6 +287,11 @@ def build_session(
         apply_checkpointing(recipe, model)
     model = apply_method(recipe, model, device)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    derived = None
+    if recipe.train.lean_activations:
+        derived = lean.Derived()
+        if not lean.install(causal_lm, derived):
+            derived = None
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(recipe, params, fake=fake)
@@ -307,4 +322,5 @@ def build_session(
         notes=notes,
         loss_chunk=resolve_loss_chunk(recipe.train.loss_chunk, causal_lm.config.vocab_size),
         offload=offload,
+        derived=derived,
     )

@@ -4,8 +4,9 @@ Training calls it on real tensors and planning calls it on fake ones, so it neve
 no ``.item()``, no Python branch on tensor contents. Legend: B batch, T time, D hidden, V vocabulary,
 N tokens (B*T flattened), C tokens of one loss chunk.
 
-Memory techniques applied here (the session builds them): the chunked cross-entropy (``session.loss_chunk``)
-and the activation offload (``session.offload``); gradient checkpointing lives in the model's layers.
+Memory techniques applied here (the session builds them): the chunked cross-entropy (``session.loss_chunk``),
+the activation offload (``session.offload``) and the lean activations (``session.derived``, innermost, so
+tensors it does not recompute reach the offload); gradient checkpointing lives in the model's layers.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fitune.data.batching import Batch
 from fitune.data.dataset import IGNORE
+from fitune.lean import linear_cross_entropy
 
 
 def forward_hidden(session, batch: Batch) -> torch.Tensor:
@@ -38,9 +40,11 @@ def _loss_sum(head, cap: float | None, hidden_ND: torch.Tensor, targets_N: torch
 def token_loss_sum(session, hidden_BTD: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     """Sum over target tokens of the cross-entropy, computed in fp32.
 
-    With ``session.loss_chunk`` > 0 the tokens go through the output head in chunks of that many, each under
-    non-reentrant checkpointing: a chunk's logits are freed once its loss is known and recomputed in backward,
-    so at most one chunk's logits (and their gradient) exist at a time instead of all B*T*V of them.
+    With ``session.loss_chunk`` > 0 the tokens go through the output head in chunks of that many, so at most
+    one chunk's logits exist at a time instead of all B*T*V of them. A plain linear head takes the fused
+    loss (``fitune.lean.linear_cross_entropy``: gradients computed in the forward pass, nothing recomputed);
+    any other head (an adapter on it, a bias) runs each chunk under non-reentrant checkpointing, its logits
+    recomputed in backward.
     """
     lm = session.causal_lm
     head = lm.get_output_embeddings()
@@ -48,7 +52,13 @@ def token_loss_sum(session, hidden_BTD: torch.Tensor, targets_BT: torch.Tensor) 
     hidden_ND = hidden_BTD.reshape(-1, hidden_BTD.shape[-1])
     targets_N = targets_BT.reshape(-1)
     chunk = session.loss_chunk
-    if chunk <= 0 or chunk >= targets_N.shape[0] or not torch.is_grad_enabled():
+    if chunk <= 0 or not torch.is_grad_enabled():
+        return _loss_sum(head, cap, hidden_ND, targets_N)
+    if type(head) is torch.nn.Linear and head.bias is None:
+        return linear_cross_entropy(
+            hidden_ND, head.weight, targets_N, chunk=chunk, cap=cap, compute_dtype=session.compute_dtype
+        )
+    if chunk >= targets_N.shape[0]:
         return _loss_sum(head, cap, hidden_ND, targets_N)
     total = None
     for hidden_CD, targets_C in zip(hidden_ND.split(chunk), targets_N.split(chunk), strict=True):
@@ -67,7 +77,8 @@ def count_targets(batches: list[Batch]) -> torch.Tensor:
 
 def micro_batch_loss(session, batch: Batch, n_targets: torch.Tensor) -> torch.Tensor:
     offload = session.offload.hooks() if session.offload is not None else contextlib.nullcontext()
-    with session.autocast(), offload:
+    derived = session.derived.hooks() if session.derived is not None else contextlib.nullcontext()
+    with session.autocast(), offload, derived:
         hidden_BTD = forward_hidden(session, batch)
         return token_loss_sum(session, hidden_BTD, batch.targets_BT) / n_targets
 

@@ -204,6 +204,121 @@ def test_plan_chunked_loss_drops_the_logits():
     assert chunked.breakdown["frozen_weights"] == plain.breakdown["frozen_weights"]
 
 
+def _trained_grads(recipe, batch):
+    """Gradients on ``batch`` with LoRA B moved off its zero init (A would get no gradient otherwise)."""
+    s = build_session(recipe, with_tokenizer=False)
+    gen = torch.Generator().manual_seed(0)
+    for name, p in s.trainable_parameters:
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1
+    loss = micro_batch_loss(s, batch, torch.tensor(batch.targets_BT.numel()))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in s.trainable_parameters}
+    assert all(g.abs().max() > 0 for g in grads.values())
+    return loss.detach(), grads
+
+
+def _assert_close_grads(got, want, rtol):
+    for name, g in want.items():
+        scale = g.abs().max()
+        assert (got[name] - g).abs().max() <= rtol * scale, name
+
+
+@pytest.mark.parametrize(
+    ("kind", "precision", "model_dtype", "cap"),
+    [
+        ("lora", "fp32", "fp32", None),
+        ("lora", "bf16", "bf16", None),
+        ("full", "fp32", "fp32", None),
+        ("lora", "fp32", "fp32", 3.0),
+    ],
+)
+def test_fused_chunked_loss_equals_the_plain_loss_and_gradients(kind, precision, model_dtype, cap):
+    batch = _learnable_batch()
+    batch.targets_BT[0, :5] = -100  # ignored targets add neither loss nor gradient
+    config = dict(TINY_LLAMA, final_logit_softcapping=cap) if cap else dict(TINY_LLAMA)
+
+    def recipe(**train):
+        r = _recipe(kind=kind, precision=precision, model_dtype=model_dtype, **train)
+        return r.updated({"model.config": config})
+
+    plain_loss, plain = _trained_grads(recipe(), batch)
+    fused_loss, fused = _trained_grads(recipe(loss_chunk=7), batch)  # 32 tokens: the last chunk is short
+    assert torch.allclose(fused_loss, plain_loss, rtol=1e-5)
+    _assert_close_grads(fused, plain, rtol=1e-5 if precision == "fp32" else 1e-2)
+    if kind == "full":  # the tied head/embedding gets both gradients
+        assert "model.embed_tokens.weight" in fused
+
+
+def test_fused_chunked_loss_keeps_no_logits_and_recomputes_nothing():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = _learnable_batch()
+
+    def flops_and_saved(chunk):
+        s = build_session(_recipe(loss_chunk=chunk), with_tokenizer=False)
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with FlopCounterMode(display=False) as counter:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = micro_batch_loss(s, batch, torch.tensor(32))
+            loss.backward()
+        return counter.get_total_flops(), max(saved)
+
+    plain_flops, plain_biggest = flops_and_saved(0)
+    fused_flops, fused_biggest = flops_and_saved(8)
+    assert fused_flops == plain_flops  # the gradients are computed once, in the forward pass
+    logits = 32 * TINY_LLAMA["vocab_size"] * 4
+    assert plain_biggest >= logits and fused_biggest < logits
+
+
+def test_lean_activations_give_the_same_losses_and_gradients():
+    batch = _learnable_batch()
+    for precision in ("fp32", "bf16"):
+        plain_loss, plain = _trained_grads(
+            _recipe(precision=precision, model_dtype=precision, lean_activations=False), batch
+        )
+        lean_loss, lean = _trained_grads(_recipe(precision=precision, model_dtype=precision), batch)
+        assert torch.equal(lean_loss, plain_loss)
+        _assert_close_grads(lean, plain, rtol=1e-6)
+    s = build_session(_recipe(), with_tokenizer=False)
+    assert s.derived is not None
+    assert build_session(_recipe(lean_activations=False), with_tokenizer=False).derived is None
+    _assert_trains_only_trainable(_recipe(precision="bf16", model_dtype="bf16"))
+
+
+def test_lean_activations_work_under_checkpointing_and_offload_hooks():
+    batch = _learnable_batch()
+    plain_loss, plain = _grads(_recipe(lean_activations=False), batch)
+    s = build_session(_recipe(gradient_checkpointing=True, checkpoint_layers=[1]), with_tokenizer=False)
+    s.offload = ActivationOffload(s.model, lambda host_category: contextlib.nullcontext())
+    loss = micro_batch_loss(s, batch, torch.tensor(batch.targets_BT.numel()))
+    loss.backward()
+    assert torch.equal(loss.detach(), plain_loss)
+    _assert_close_grads({n: p.grad for n, p in s.trainable_parameters}, plain, rtol=1e-6)
+
+
+def test_plan_lean_activations_keep_fewer_activations_in_bf16():
+    plain = fitune.plan(_plan_recipe(lean_activations=False))
+    lean = fitune.plan(_plan_recipe())
+    assert lean.breakdown["activations"] < 0.8 * plain.breakdown["activations"]
+    assert lean.breakdown["frozen_weights"] == plain.breakdown["frozen_weights"]
+
+
+def test_adapters_share_their_bf16_input_under_autocast():
+    from peft.tuners.lora import LoraLayer
+
+    s = build_session(_recipe(precision="bf16", model_dtype="bf16"), with_tokenizer=False)
+    layers = [m for m in s.model.modules() if isinstance(m, LoraLayer)]
+    assert layers and not any(m.cast_input_dtype_enabled for m in layers)
+    fp32 = build_session(_recipe(), with_tokenizer=False)  # no autocast: peft's own casting stays
+    assert all(m.cast_input_dtype_enabled for m in fp32.model.modules() if isinstance(m, LoraLayer))
+
+
 def test_auto_chunk_bounds_the_logits_of_a_chunk():
     from fitune.session import AUTO_CHUNK_LOGITS, resolve_loss_chunk
 

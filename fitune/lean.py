@@ -1,0 +1,271 @@
+"""Lean activations: the same math as the model's own forward, with fewer bytes kept for backward.
+
+Autograd keeps every tensor an op needs for its gradient until backward reaches it. In a Llama-family
+decoder layer several of those tensors are cheap elementwise functions of tensors it keeps anyway:
+
+- RMSNorm keeps an fp32 copy of its input (twice the bytes of the bf16 input), and its output is kept by
+  every adapter that reads it (q/k/v, gate/up);
+- the gated MLP keeps ``act(gate)`` and ``act(gate) * up`` next to ``gate`` and ``up``.
+
+``Derived`` is a pair of saved-tensor hooks: a tensor registered as ``fn(*args)`` is not kept when an op
+saves it; the op keeps a note instead and backward recomputes it (one elementwise pass, no matrix multiply).
+The patched forwards below run the model's own ops in the model's own order (so forward values are
+bit-identical) and register those tensors. Only modules whose forward is textually the Llama one are
+patched; anything else runs untouched.
+
+``linear_cross_entropy`` is the chunked loss: it projects ``C`` tokens at a time onto the vocabulary and
+computes the gradient of the hidden states (and of the head, when it trains) during the forward pass, so
+no chunk's logits are kept and nothing is recomputed in backward. Legend: N tokens, D hidden, V vocabulary,
+C tokens of one chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import textwrap
+import types
+import weakref
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+IGNORE = -100  # the data pipeline's ignored target (fitune.data.dataset.IGNORE)
+
+
+# --------------------------------------------------------------------------- recompute on unpack
+
+
+class Derived:
+    """Saved-tensor hooks that replace registered tensors by a recipe to recompute them.
+
+    Storages are the key (``id(t.untyped_storage())``: torch keeps one Python object per live storage, on real
+    and fake tensors alike), so a view of a registered tensor that an op saves (``linear`` flattens its input
+    to 2-D) is found too; it is rebuilt as the same view of the recomputed tensor. Other tensors go to the
+    enclosing hooks (activation offload, the planner's tracker), as if these hooks were not there.
+    """
+
+    def __init__(self) -> None:
+        self._recipes: dict[int, tuple[weakref.ref, Callable[..., torch.Tensor], tuple]] = {}
+        self._outer: tuple[Callable, Callable] | None = None
+
+    def register(self, out: torch.Tensor, fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> None:
+        """Declare ``out == fn(*args)`` (contiguous); the args must be kept by backward anyway."""
+        if not torch.is_grad_enabled() or not out.is_contiguous():
+            return
+        st = out.untyped_storage()
+        if any(id(a.untyped_storage()) == id(st) for a in args):
+            return  # an in-place or identity result: nothing to gain
+        key = id(st)
+        self._recipes[key] = (weakref.ref(st, lambda _r, k=key: self._recipes.pop(k, None)), fn, args)
+
+    @contextlib.contextmanager
+    def hooks(self):
+        # only the innermost saved-tensor hooks run: the tensors not registered here go to the enclosing ones
+        self._outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield self
+        finally:
+            self._outer = None
+            self._recipes.clear()
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        rec = self._recipes.get(id(t.untyped_storage())) if t.layout == torch.strided else None
+        outer = self._outer
+        if rec is None or rec[0]() is None:
+            return ("kept", outer[1], outer[0](t)) if outer is not None else ("kept", None, t)
+        _, fn, args = rec
+        # what is kept instead are the recipe's inputs: the enclosing hooks see them as saved tensors
+        if outer is not None:
+            args = tuple(outer[0](a) for a in args)
+        return (
+            "derived",
+            outer[1] if outer is not None else None,
+            fn,
+            args,
+            t.size(),
+            t.stride(),
+            t.storage_offset(),
+        )
+
+    @staticmethod
+    def _unpack(packed: Any) -> torch.Tensor:
+        if packed[0] == "kept":
+            _, unpack, inner = packed
+            return unpack(inner) if unpack is not None else inner
+        _, unpack, fn, args, size, stride, offset = packed
+        if unpack is not None:
+            args = tuple(unpack(a) for a in args)
+        with torch.no_grad():
+            full = fn(*args)
+        return full.as_strided(size, stride, offset)
+
+
+# --------------------------------------------------------------------------- patched module forwards
+
+
+def _body(fn: Callable) -> str:
+    src = textwrap.dedent(inspect.getsource(fn))
+    return "\n".join(line.strip() for line in src.splitlines()[1:] if line.strip() and '"""' not in line)
+
+
+_LLAMA_NORM_BODY = "\n".join(
+    [
+        "input_dtype = hidden_states.dtype",
+        "hidden_states = hidden_states.to(torch.float32)",
+        "variance = hidden_states.pow(2).mean(-1, keepdim=True)",
+        "hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)",
+        "return self.weight * hidden_states.to(input_dtype)",
+    ]
+)
+_LLAMA_MLP_BODY = "\n".join(
+    [
+        "down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",
+        "return down_proj",
+    ]
+)
+_known_bodies: dict[type, str] = {}
+
+
+def _is(module: nn.Module, body: str) -> bool:
+    cls = type(module)
+    if cls not in _known_bodies:
+        try:
+            _known_bodies[cls] = _body(cls.forward)
+        except (OSError, TypeError):
+            _known_bodies[cls] = ""
+    return _known_bodies[cls] == body
+
+
+def _to_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float32)
+
+
+def _norm_out(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return weight * (x.to(torch.float32) * rstd).to(x.dtype)
+
+
+def _lean_rmsnorm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    derived: Derived | None = getattr(self, "_fitune_derived", None)
+    input_dtype = hidden_states.dtype
+    x = hidden_states
+    hidden_states = hidden_states.to(torch.float32)
+    if derived is not None and input_dtype != torch.float32:
+        derived.register(hidden_states, _to_fp32, x)  # the fp32 copy pow and mul keep: half the bytes
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    rstd = torch.rsqrt(variance + self.variance_epsilon)
+    hidden_states = hidden_states * rstd
+    out = self.weight * hidden_states.to(input_dtype)
+    if derived is not None and out.dtype == input_dtype:
+        derived.register(out, _norm_out, x, rstd, self.weight)  # read by the adapters of every projection
+    return out
+
+
+def _act_mul(act_fn: Callable, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return act_fn(g) * u
+
+
+def _lean_mlp(self, x: torch.Tensor) -> torch.Tensor:
+    derived: Derived | None = getattr(self, "_fitune_derived", None)
+    gate = self.gate_proj(x)
+    act = self.act_fn(gate)
+    up = self.up_proj(x)
+    h = act * up
+    if derived is not None:
+        derived.register(act, self.act_fn, gate)  # kept by the product; the activation keeps gate
+        derived.register(h, partial(_act_mul, self.act_fn), gate, up)  # kept by down_proj's adapter
+    return self.down_proj(h)
+
+
+def install(model: nn.Module, derived: Derived) -> list[str]:
+    """Patch the Llama-family norms and SwiGLU MLPs of ``model``; returns the patched class names."""
+    patched: set[str] = set()
+    for module in model.modules():
+        if _is(module, _LLAMA_NORM_BODY):
+            module.forward = types.MethodType(_lean_rmsnorm, module)
+        elif _is(module, _LLAMA_MLP_BODY):
+            module.forward = types.MethodType(_lean_mlp, module)
+        else:
+            continue
+        module._fitune_derived = derived
+        patched.add(type(module).__name__)
+    return sorted(patched)
+
+
+# --------------------------------------------------------------------------- fused linear cross-entropy
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum over targets of the cross-entropy of ``hidden @ weight.T`` (fp32 logits), in chunks of C tokens.
+
+    The gradients are computed during the forward pass, chunk by chunk (softmax minus the one-hot target,
+    times the head), and scaled by the incoming gradient in backward: the same FLOPs as the plain loss,
+    none recomputed, and only one chunk's logits alive at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_ND, weight_VD, targets_N, chunk, cap, compute_dtype):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        cd = compute_dtype or hidden_ND.dtype
+        with torch.autocast(hidden_ND.device.type, enabled=False):
+            w_VD = weight_VD.to(cd)
+            total = torch.zeros((), dtype=torch.float32, device=hidden_ND.device)
+            grad_h_ND = torch.empty_like(hidden_ND) if need_h else None
+            grad_w_VD = torch.zeros_like(weight_VD, dtype=torch.float32) if need_w else None
+            for start in range(0, hidden_ND.shape[0], chunk):
+                h_CD = hidden_ND[start : start + chunk].to(cd)
+                t_C = targets_N[start : start + chunk]
+                z_CV = (h_CD @ w_VD.T).float()
+                th_CV = None
+                if cap:
+                    th_CV = torch.tanh(z_CV / cap)
+                    z_CV = th_CV * cap
+                valid_C = t_C != IGNORE
+                safe_C1 = torch.where(valid_C, t_C, 0).unsqueeze(1)
+                z_t_C = z_CV.gather(1, safe_C1).squeeze(1)
+                max_C1 = z_CV.amax(dim=1, keepdim=True)
+                p_CV = z_CV.sub_(max_C1).exp_()  # in place: the logits are not needed any more
+                sum_C1 = p_CV.sum(dim=1, keepdim=True)
+                lse_C = (max_C1 + sum_C1.log()).squeeze(1)
+                total = total + torch.where(valid_C, lse_C - z_t_C, 0.0).sum()
+                if not (need_h or need_w):
+                    continue
+                p_CV.div_(sum_C1)  # softmax; minus one at the target; nothing for ignored tokens
+                p_CV.scatter_add_(1, safe_C1, -valid_C.unsqueeze(1).to(p_CV.dtype))
+                p_CV.mul_(valid_C.unsqueeze(1))
+                if th_CV is not None:
+                    p_CV.mul_(1 - th_CV * th_CV)
+                g_CV = p_CV.to(cd)
+                del p_CV, z_CV, th_CV
+                if need_h:
+                    grad_h_ND[start : start + chunk] = g_CV @ w_VD
+                if need_w:
+                    grad_w_VD += (g_CV.T @ h_CD).float()
+        ctx.save_for_backward(*(t for t in (grad_h_ND, grad_w_VD) if t is not None))
+        ctx.which = (need_h, need_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = list(ctx.saved_tensors)
+        need_h, need_w = ctx.which
+        grad_h = saved.pop(0) * grad_out if need_h else None
+        grad_w = saved.pop(0) * grad_out if need_w else None
+        return grad_h, grad_w, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden_ND: torch.Tensor,
+    weight_VD: torch.Tensor,
+    targets_N: torch.Tensor,
+    *,
+    chunk: int,
+    cap: float | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Summed token cross-entropy of the head ``weight_VD`` over ``hidden_ND``; see ``_LinearCrossEntropy``."""
+    return _LinearCrossEntropy.apply(hidden_ND, weight_VD, targets_N, chunk, cap, compute_dtype)
