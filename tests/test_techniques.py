@@ -171,6 +171,43 @@ def test_eager_and_sdpa_attention_give_the_same_loss_and_gradients():
     _assert_trains_only_trainable(_recipe(attention="eager"))
 
 
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "t", "block"), [(4, 2, 37, 16), (4, 4, 16, 128), (6, 1, 64, 32)]
+)
+def test_blocked_causal_attention_equals_exact_attention(heads, kv_heads, t, block):
+    import torch.nn.functional as F
+
+    from fitune.attention import _BlockedCausalAttention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(2, h, t, 8, generator=gen, requires_grad=True) for h in (heads, kv_heads, kv_heads)
+    )
+    dout = torch.randn(2, t, heads, 8, generator=gen)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+    got = _BlockedCausalAttention.apply(q, k, v, 8**-0.5, block)
+    assert torch.allclose(got, want, atol=1e-6)
+    got_grads = torch.autograd.grad(got, (q, k, v), dout)
+    want_grads = torch.autograd.grad(want, (q, k, v), dout)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert torch.allclose(g, w, atol=1e-5)
+
+
+def test_cpu_sdpa_trains_with_blocked_attention_and_padding_falls_back():
+    from fitune.attention import NAME
+
+    s = build_session(_recipe(), with_tokenizer=False)
+    assert s.causal_lm.config._attn_implementation == NAME
+    eager = build_session(_recipe(attention="eager"), with_tokenizer=False)
+    assert eager.causal_lm.config._attn_implementation == "eager"
+    batch = _learnable_batch()
+    batch.attention_mask_BT = torch.ones_like(batch.input_ids_BT)
+    batch.attention_mask_BT[1, 12:] = 0  # a padded row: the mask goes to torch's SDPA
+    batch.targets_BT[1, 12:] = -100
+    n = torch.tensor(int((batch.targets_BT != -100).sum()))
+    assert torch.allclose(micro_batch_loss(s, batch, n), micro_batch_loss(eager, batch, n), rtol=1e-5)
+
+
 def test_flash_attention_is_refused_with_the_fix():
     with pytest.raises(
         FituneError, match=r"train.attention: 'flash_attention_2'.*fix: .*train.attention: sdpa"
