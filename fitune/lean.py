@@ -9,6 +9,8 @@ decoder layer several of those tensors are cheap elementwise functions of tensor
 
 ``Derived`` is a pair of saved-tensor hooks: a tensor registered as ``fn(*args)`` is not kept when an op
 saves it; the op keeps a note instead and backward recomputes it (one elementwise pass, no matrix multiply).
+With ``train.recompute_mlp`` the MLP's gate and up projections are recomputed too (two matrix multiplies
+per layer, about a seventh of the layer's forward), and the layer keeps nothing of its MLP.
 The patched forwards below run the model's own ops in the model's own order (so forward values are
 bit-identical) and register those tensors. Only modules whose forward is textually the Llama one are
 patched; anything else runs untouched.
@@ -39,28 +41,100 @@ IGNORE = -100  # the data pipeline's ignored target (fitune.data.dataset.IGNORE)
 # --------------------------------------------------------------------------- recompute on unpack
 
 
+class _Recipe:
+    """How to recompute one tensor: ``fn(*args)``, where an arg is a kept tensor or another recipe.
+
+    ``uses`` counts the saved tensors and the recipes that still need this value in backward; while more
+    than one does, a recomputed value is cached, so a tensor read by several gradients is recomputed once,
+    and it is dropped as soon as the last of them has it.
+    """
+
+    __slots__ = ("fn", "args", "autocast", "uses", "cached", "active", "packed_args")
+
+    def __init__(self, fn: Callable[..., torch.Tensor], args: tuple, autocast: tuple | None) -> None:
+        self.fn, self.args, self.autocast = fn, args, autocast
+        self.uses = 0
+        self.cached: torch.Tensor | None = None
+        self.active = False
+        self.packed_args: tuple | None = None
+
+    def use(self, outer: tuple[Callable, Callable] | None) -> None:
+        if not self.active:
+            self.active = True
+            # what is kept instead of the tensor are the recipe's inputs: the enclosing hooks (offload, the
+            # planner's tracker) see them as saved tensors
+            self.packed_args = tuple(
+                a if isinstance(a, _Recipe) else (outer[1], outer[0](a)) if outer else (None, a)
+                for a in self.args
+            )
+            for a in self.args:
+                if isinstance(a, _Recipe):
+                    a.use(outer)
+        self.uses += 1
+
+    def release(self) -> None:
+        self.uses -= 1
+        if self.uses <= 0:
+            self.cached = None
+            if self.active:
+                self.active = False
+                for a in self.args:
+                    if isinstance(a, _Recipe):
+                        a.release()
+
+    def value(self) -> torch.Tensor:
+        if self.cached is not None:
+            return self.cached
+        args = [
+            a.value() if isinstance(a, _Recipe) else (a[0](a[1]) if a[0] is not None else a[1])
+            for a in self.packed_args
+        ]
+        with torch.no_grad(), _autocast(self.autocast):
+            out = self.fn(*args)
+        if self.uses > 1:
+            self.cached = out
+        return out
+
+
+def _autocast(state: tuple | None):
+    if state is None:
+        return contextlib.nullcontext()
+    device_type, dtype = state
+    return torch.autocast(device_type, dtype=dtype)
+
+
 class Derived:
-    """Saved-tensor hooks that replace registered tensors by a recipe to recompute them.
+    """Saved-tensor hooks that replace registered tensors by a recipe to recompute them in backward.
 
     Storages are the key (``id(t.untyped_storage())``: torch keeps one Python object per live storage, on real
     and fake tensors alike), so a view of a registered tensor that an op saves (``linear`` flattens its input
-    to 2-D) is found too; it is rebuilt as the same view of the recomputed tensor. Other tensors go to the
+    to 2-D) is found too; it is rebuilt as the same view of the recomputed tensor. A registered tensor that
+    is an input of another recipe is referenced by its recipe, so neither is kept. Other tensors go to the
     enclosing hooks (activation offload, the planner's tracker), as if these hooks were not there.
     """
 
     def __init__(self) -> None:
-        self._recipes: dict[int, tuple[weakref.ref, Callable[..., torch.Tensor], tuple]] = {}
+        self._recipes: dict[int, tuple[weakref.ref, _Recipe]] = {}
         self._outer: tuple[Callable, Callable] | None = None
 
     def register(self, out: torch.Tensor, fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> None:
-        """Declare ``out == fn(*args)`` (contiguous); the args must be kept by backward anyway."""
+        """Declare ``out == fn(*args)`` (contiguous, recomputed under the autocast state of this call)."""
         if not torch.is_grad_enabled() or not out.is_contiguous():
             return
         st = out.untyped_storage()
         if any(id(a.untyped_storage()) == id(st) for a in args):
             return  # an in-place or identity result: nothing to gain
+        device = out.device.type
+        state = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+        recipe = _Recipe(fn, tuple(self._recipe_of(a) or a for a in args), state)
         key = id(st)
-        self._recipes[key] = (weakref.ref(st, lambda _r, k=key: self._recipes.pop(k, None)), fn, args)
+        self._recipes[key] = (weakref.ref(st, lambda _r, k=key: self._recipes.pop(k, None)), recipe)
+
+    def _recipe_of(self, t: torch.Tensor) -> _Recipe | None:
+        entry = self._recipes.get(id(t.untyped_storage())) if t.layout == torch.strided else None
+        if entry is None or entry[0]() is None or not t.is_contiguous() or t.storage_offset() != 0:
+            return None
+        return entry[1]
 
     @contextlib.contextmanager
     def hooks(self):
@@ -74,34 +148,22 @@ class Derived:
             self._recipes.clear()
 
     def _pack(self, t: torch.Tensor) -> Any:
-        rec = self._recipes.get(id(t.untyped_storage())) if t.layout == torch.strided else None
+        entry = self._recipes.get(id(t.untyped_storage())) if t.layout == torch.strided else None
         outer = self._outer
-        if rec is None or rec[0]() is None:
+        if entry is None or entry[0]() is None:
             return ("kept", outer[1], outer[0](t)) if outer is not None else ("kept", None, t)
-        _, fn, args = rec
-        # what is kept instead are the recipe's inputs: the enclosing hooks see them as saved tensors
-        if outer is not None:
-            args = tuple(outer[0](a) for a in args)
-        return (
-            "derived",
-            outer[1] if outer is not None else None,
-            fn,
-            args,
-            t.size(),
-            t.stride(),
-            t.storage_offset(),
-        )
+        recipe = entry[1]
+        recipe.use(outer)
+        return ("derived", recipe, t.size(), t.stride(), t.storage_offset())
 
     @staticmethod
     def _unpack(packed: Any) -> torch.Tensor:
         if packed[0] == "kept":
             _, unpack, inner = packed
             return unpack(inner) if unpack is not None else inner
-        _, unpack, fn, args, size, stride, offset = packed
-        if unpack is not None:
-            args = tuple(unpack(a) for a in args)
-        with torch.no_grad():
-            full = fn(*args)
+        _, recipe, size, stride, offset = packed
+        full = recipe.value()
+        recipe.release()
         return full.as_strided(size, stride, offset)
 
 
@@ -170,25 +232,36 @@ def _act_mul(act_fn: Callable, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor
 
 
 def _lean_mlp(self, x: torch.Tensor) -> torch.Tensor:
+    # each tensor is registered before any op can save it
     derived: Derived | None = getattr(self, "_fitune_derived", None)
+    recompute = derived is not None and getattr(self, "_fitune_recompute_projections", False)
     gate = self.gate_proj(x)
-    act = self.act_fn(gate)
-    up = self.up_proj(x)
-    h = act * up
+    if recompute:  # the widest activations of the layer, recomputed from the (recomputed) norm output
+        derived.register(gate, self.gate_proj, x)
+    act = self.act_fn(gate)  # keeps gate
     if derived is not None:
-        derived.register(act, self.act_fn, gate)  # kept by the product; the activation keeps gate
-        derived.register(h, partial(_act_mul, self.act_fn), gate, up)  # kept by down_proj's adapter
-    return self.down_proj(h)
+        derived.register(act, self.act_fn, gate)
+    up = self.up_proj(x)
+    if recompute:
+        derived.register(up, self.up_proj, x)
+    h = act * up  # keeps act and up
+    if derived is not None:
+        derived.register(h, partial(_act_mul, self.act_fn), gate, up)
+    return self.down_proj(h)  # down_proj's adapter keeps h
 
 
-def install(model: nn.Module, derived: Derived) -> list[str]:
-    """Patch the Llama-family norms and SwiGLU MLPs of ``model``; returns the patched class names."""
+def install(model: nn.Module, derived: Derived, *, recompute_mlp: bool = False) -> list[str]:
+    """Patch the Llama-family norms and gated MLPs of ``model``; returns the patched class names.
+
+    ``recompute_mlp`` also recomputes the MLP's gate and up projections in backward (two matrix multiplies
+    per layer) instead of keeping them."""
     patched: set[str] = set()
     for module in model.modules():
         if _is(module, _LLAMA_NORM_BODY):
             module.forward = types.MethodType(_lean_rmsnorm, module)
         elif _is(module, _LLAMA_MLP_BODY):
             module.forward = types.MethodType(_lean_mlp, module)
+            module._fitune_recompute_projections = recompute_mlp
         else:
             continue
         module._fitune_derived = derived

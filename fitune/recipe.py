@@ -114,6 +114,11 @@ class TrainSpec(_Strict):
         description="Keep fewer tensors for backward in Llama-family norms and SwiGLU MLPs (recomputed "
         "elementwise in backward; same values).",
     )
+    recompute_mlp: bool = Field(
+        False,
+        description="With lean_activations, also recompute the MLP's gate and up projections in backward "
+        "instead of keeping them (two matrix multiplies per layer).",
+    )
     attention: Attention = Field("sdpa", description="eager | sdpa | flash_attention_2.")
     loss_chunk: Union[int, Literal["auto"]] = Field(
         0,

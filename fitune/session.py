@@ -293,7 +293,7 @@ def build_session(
     derived = None
     if recipe.train.lean_activations:
         derived = lean.Derived()
-        if not lean.install(causal_lm, derived):
+        if not lean.install(causal_lm, derived, recompute_mlp=recipe.train.recompute_mlp):
             derived = None
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -313,13 +313,16 @@ def test_fused_chunked_loss_keeps_no_logits_and_recomputes_nothing():
     assert plain_biggest >= logits and fused_biggest < logits
 
 
-def test_lean_activations_give_the_same_losses_and_gradients():
+@pytest.mark.parametrize("recompute_mlp", [False, True])
+def test_lean_activations_give_the_same_losses_and_gradients(recompute_mlp):
     batch = _learnable_batch()
     for precision in ("fp32", "bf16"):
         plain_loss, plain = _trained_grads(
             _recipe(precision=precision, model_dtype=precision, lean_activations=False), batch
         )
-        lean_loss, lean = _trained_grads(_recipe(precision=precision, model_dtype=precision), batch)
+        lean_loss, lean = _trained_grads(
+            _recipe(precision=precision, model_dtype=precision, recompute_mlp=recompute_mlp), batch
+        )
         assert torch.equal(lean_loss, plain_loss)
         _assert_close_grads(lean, plain, rtol=1e-6)
     s = build_session(_recipe(), with_tokenizer=False)
@@ -342,8 +345,30 @@ def test_lean_activations_work_under_checkpointing_and_offload_hooks():
 def test_plan_lean_activations_keep_fewer_activations_in_bf16():
     plain = fitune.plan(_plan_recipe(lean_activations=False))
     lean = fitune.plan(_plan_recipe())
+    leaner = fitune.plan(_plan_recipe(recompute_mlp=True))
+    assert leaner.breakdown["activations"] < 0.8 * lean.breakdown["activations"]
     assert lean.breakdown["activations"] < 0.8 * plain.breakdown["activations"]
-    assert lean.breakdown["frozen_weights"] == plain.breakdown["frozen_weights"]
+    assert (
+        leaner.breakdown["frozen_weights"]
+        == lean.breakdown["frozen_weights"]
+        == plain.breakdown["frozen_weights"]
+    )
+
+
+def test_recompute_mlp_recomputes_each_projection_once():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = _learnable_batch()
+
+    def flops(**train):
+        s = build_session(_recipe(**train), with_tokenizer=False)
+        with FlopCounterMode(display=False) as counter:
+            micro_batch_loss(s, batch, torch.tensor(32)).backward()
+        return counter.get_total_flops()
+
+    extra = flops(recompute_mlp=True) - flops()
+    d, inter, r, tokens, layers = 64, 128, 4, 32, 2  # gate and up: base weight and adapter, forward only
+    assert extra == layers * 2 * 2 * tokens * (d * inter + r * (d + inter))
 
 
 def test_adapters_share_their_bf16_input_under_autocast():
