@@ -103,7 +103,6 @@ def test_speed_model_orders_the_techniques():
             batch_size=4,
             grad_accum=2,
             checkpointing=False,
-            chunked_loss=False,
             optimizer="adamw",
             tflops=gpu.bf16_tflops,
             bandwidth_gbps=gpu.bandwidth_gbps,

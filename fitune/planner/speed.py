@@ -7,7 +7,9 @@ fit. Per micro-batch of ``n = batch_size * seq_len`` tokens:
   the output head; an embedding lookup has none), plus LoRA's ``2 * P_lora``. Backward: ``2 * P`` more for the
   input gradients of every weight, frozen or not, and ``2 * P_trained`` for the weight gradients of what
   trains (all of ``P`` for a full fine-tune, ``P_lora`` for adapters). Gradient checkpointing recomputes the
-  decoder layers' forward once more; the chunked loss recomputes the output head's forward.
+  decoder layers' forward once more. The chunked loss costs nothing extra: with the plain linear head the
+  search plans (adapters never target it), its gradients are computed in the forward pass
+  (``fitune.lean.linear_cross_entropy``).
 - attention FLOPs: ``QK^T`` and ``AV`` cost ``4 * T * head_dim`` per token, head and layer, halved by the
   causal mask; the fused kernels' backward costs 2.5x their forward (5 matmuls against 2, Dao 2023,
   FlashAttention-2, section 3.1); recomputation adds one forward.
@@ -112,7 +114,6 @@ def estimate(
     batch_size: int,
     grad_accum: int,
     checkpointing: bool,
-    chunked_loss: bool,
     optimizer: str,
     tflops: float | None,
     bandwidth_gbps: float | None,
@@ -124,7 +125,7 @@ def estimate(
     attention = 2 * seq_len * shape.attention_width * shape.num_layers  # causal QK^T + AV, per token
     forward = 2 * (layers + head + lora) + attention
     backward = 2 * (layers + head + lora) + 2 * trained + ATTENTION_BACKWARD_FACTOR * attention
-    recompute = (2 * (layers + lora) + attention if checkpointing else 0) + (2 * head if chunked_loss else 0)
+    recompute = 2 * (layers + lora) + attention if checkpointing else 0
     flops = forward + backward + recompute
     if not tflops or not bandwidth_gbps:
         return Speed(None, flops, None)
