@@ -148,6 +148,11 @@ def _print_plan(p, recipe) -> None:
             f"{_gib(p.cuda['reserved'])}, with the CUDA context about {_gib(p.cuda['device_total'])} on the device",
             highlight=False,
         )
+    for category, b in p.host.items():
+        console.print(
+            f"host memory: {category} peak at {_gib(b)} (held off the device, not part of the peak above)",
+            highlight=False,
+        )
     for note in p.notes:
         console.print(f"note: {note}", highlight=False)
 

@@ -108,3 +108,16 @@ def test_plan_cli_json(tmp_path):
     assert data["peak_bytes"] == max(data["phases"].values())
     table = CliRunner().invoke(app, ["plan", str(path)])
     assert "peak by phase" in table.output and "activations" in table.output
+
+
+def test_plan_cli_prints_the_host_memory_of_offloaded_activations(tmp_path):
+    path = tmp_path / "r.yaml"
+    recipe = {
+        "model": {"config": TINY_LLAMA, "dtype": "bf16"},
+        "train": {"seq_len": 64, "batch_size": 1, "offload_activations": True},
+        "hardware": {"device": "rtx-4090"},
+    }
+    path.write_text(json.dumps(recipe))
+    table = CliRunner().invoke(app, ["plan", str(path), "--no-search"])
+    assert table.exit_code == 0, table.output
+    assert "host memory: offloaded_activations peak at" in table.output
