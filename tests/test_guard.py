@@ -86,6 +86,13 @@ def test_cheaper_configurations_accumulate():
 
     r = Recipe.from_dict({"model": {"source": "x"}, "train": {"batch_size": 4}})
     ladder = list(cheaper_configurations(r))
-    assert ladder[0] == {"train.gradient_checkpointing": True}
+    assert ladder[0] == {"train.loss_chunk": "auto"}  # free: the fused loss recomputes nothing
+    assert ladder[1] == {"train.loss_chunk": "auto", "train.recompute_mlp": True}  # lean is on already
+    assert ladder[2]["train.gradient_checkpointing"] is True
     assert ladder[-1]["method.kind"] == "qlora" and ladder[-1]["train.batch_size"] == 2
     assert ladder[-1]["train.grad_accum"] == 2
+    full = Recipe.from_dict(
+        {"model": {"source": "x"}, "method": {"kind": "full"}, "train": {"loss_chunk": 8}}
+    )
+    assert list(cheaper_configurations(full))[-1]["method.kind"] == "lora"
+    assert "train.loss_chunk" not in list(cheaper_configurations(full))[0]
