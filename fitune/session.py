@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fitune import attention, lean
-from fitune.errors import FituneError
+from fitune.errors import FituneError, ModelSourceError
 from fitune.logs import quiet_libraries
 from fitune.models import sources
 from fitune.offload import ActivationOffload, offload_for
@@ -101,6 +101,10 @@ def build_model(
     check_attention(attn, device, fake=fake)
     config = source.config
     config.use_cache = False
+    if recipe.method.kind == "qlora" and streams_weights(recipe, config):
+        # the linear layers are read (or initialized) one at a time as quantize_nf4 swaps them; the rest
+        # stays on the host until apply_method moves it
+        return build_streamed(recipe, source, dtype, attn, fake=fake)
     if source.weights_dir is not None and not fake:
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -123,6 +127,151 @@ def build_model(
     if device.type != "cpu" and not stage_on_host:  # built on the CPU; fake tensors stay there
         model = model.to(device)
     return model
+
+
+def streams_weights(recipe: Recipe, config) -> bool:
+    """Whether QLoRA builds this model on the meta device and reads its tensors one at a time. Custom model
+    code, and checkpoints that transformers converts while loading (merged expert tensors), load whole."""
+    if recipe.model.trust_remote_code:
+        return False
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return True
+    return get_checkpoint_conversion_mapping(config.model_type) is None
+
+
+def build_streamed(
+    recipe: Recipe, source: sources.ResolvedSource, dtype: torch.dtype, attn: str, *, fake: bool
+) -> nn.Module:
+    """A model for QLoRA that never holds its full-precision weights at once.
+
+    Built on the meta device; every tensor but the weights ``quantize_nf4`` quantizes is then read from the
+    safetensors files (or, for random weights and planning, initialized as transformers does) on the host,
+    one at a time. The quantized layers' weights stay on meta until ``quantize_nf4`` takes each from
+    ``PENDING_WEIGHTS``. Planning allocates the same tensors in the same order, reading nothing.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from fitune.models.quantize import PENDING_WEIGHTS, PendingWeights, quantized_linears
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(source.config, dtype=dtype, attn_implementation=attn)
+    except (ImportError, ValueError) as exc:
+        raise FituneError(f"cannot build {source.description} with attention={attn}: {exc}") from None
+    folder = None
+    if source.weights_dir is not None and not fake:
+        folder = sources.SafetensorsFolder(source.weights_dir)
+        _folder_metadata(model, source.weights_dir)
+    else:
+        torch.manual_seed(recipe.train.seed)
+    # every name of each tensor: a tied weight (lm_head and the embeddings) is one tensor, read once; ``named``
+    # keeps the meta tensors, and so the ids that key ``aliases`` and ``done``, alive
+    aliases: dict[int, list[str]] = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, t in named:
+        aliases.setdefault(id(t), []).append(name)
+    key_for = _checkpoint_keys(model, folder, source) if folder is not None else None
+    streamed = {f"{n}.weight" for n in quantized_linears(model)}
+    done: dict[int, torch.Tensor] = {}  # id(meta tensor) -> its value
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            fresh = []  # initialized here rather than read
+            for table in (module._parameters, module._buffers):
+                for attr, t in list(table.items()):
+                    if t is None or t.device.type != "meta":
+                        continue
+                    full = f"{module_name}.{attr}" if module_name else attr
+                    if full in streamed and len(aliases[id(t)]) == 1:
+                        continue  # quantize_nf4 takes it from PENDING_WEIGHTS
+                    if id(t) not in done:
+                        is_param = table is module._parameters
+                        persistent = is_param or attr not in module._non_persistent_buffers_set
+                        key = key_for(aliases[id(t)]) if key_for is not None and persistent else None
+                        done[id(t)] = _materialize(t, folder, key, param=is_param)
+                        if key is None:
+                            fresh.append(done[id(t)])
+                    table[attr] = done[id(t)]
+            if fresh:
+                # transformers' own per-module init: random weights, and the values of non-persistent buffers
+                # (rotary inv_freq) that a normal load recomputes the same way
+                model._init_weights(module)
+                for value in fresh:
+                    value._is_hf_initialized = True
+    target = recipe.hardware.device
+    on_cpu = target == "cpu" or (target == "auto" and not torch.cuda.is_available())
+    pending = PendingWeights(_pending_weights(folder, key_for), cpu_kernels=fake and on_cpu)
+    setattr(model, PENDING_WEIGHTS, pending)
+    return model
+
+
+def _materialize(meta: torch.Tensor, folder, key: str | None, *, param: bool) -> torch.Tensor:
+    """A meta tensor's value on the host: read from the checkpoint, or allocated for initialization."""
+    value = folder.read(key, meta.dtype) if key is not None else torch.empty_like(meta, device="cpu")
+    if param:
+        value = nn.Parameter(value, requires_grad=meta.requires_grad)
+    if key is not None:
+        value._is_hf_initialized = True  # transformers' init leaves it as read
+    return value
+
+
+def _pending_weights(folder, key_for):
+    """The source ``quantize_nf4`` takes each quantized layer's full-precision weight from."""
+
+    def weight(model: nn.Module, name: str, linear: nn.Linear) -> torch.Tensor:
+        meta = linear.weight
+        if folder is not None:
+            return folder.read(key_for([name]), meta.dtype)
+        linear._parameters["weight"] = nn.Parameter(torch.empty_like(meta, device="cpu"), requires_grad=False)
+        with torch.no_grad():
+            model._init_weights(linear)
+        value = linear.weight.data
+        linear._parameters["weight"] = meta  # the caller drops the value once quantized
+        return value
+
+    return weight
+
+
+def _checkpoint_keys(model: nn.Module, folder: sources.SafetensorsFolder, source: sources.ResolvedSource):
+    """Maps a tensor's names in the model to its key in the checkpoint. Checkpoints of the bare decoder
+    (``LlamaModel``) lack the ``model.`` prefix of the causal-LM class; other layouts name the missing key."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def key_for(names: list[str]) -> str:
+        candidates = []
+        for n in names:
+            candidates.append(n)
+            if prefix and n.startswith(prefix + "."):
+                candidates.append(n[len(prefix) + 1 :])
+            elif prefix:
+                candidates.append(f"{prefix}.{n}")
+        key = folder.find(candidates)
+        if key is None:
+            sample = ", ".join(list(folder.entries)[:4]) or "none"
+            raise ModelSourceError(
+                f"{source.description}: the safetensors files in {folder.folder} hold no tensor {names[0]} "
+                f"(looked for {', '.join(candidates)}; the files' tensors are named like {sample}); fix: use a "
+                f"checkpoint saved by transformers for model_type {model.config.model_type}, or method.kind: "
+                "lora, which loads it through transformers' key conversions"
+            )
+        return key
+
+    return key_for
+
+
+def _folder_metadata(model: nn.Module, folder) -> None:
+    """What from_pretrained also takes from the folder: its path (peft records it in a saved adapter) and its
+    generation defaults (eos ids and the like)."""
+    model.name_or_path = model.config.name_or_path = str(folder)
+    if not (folder / "generation_config.json").is_file():
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    except (OSError, ValueError):
+        pass  # from_pretrained keeps the defaults derived from the config too
 
 
 def check_attention(attn: str, device: torch.device, *, fake: bool) -> None:

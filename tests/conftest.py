@@ -68,3 +68,17 @@ def tiny_recipe(tmp_path: Path, **sections) -> dict:
     for key, value in sections.items():
         recipe[key] = {**recipe.get(key, {}), **value}
     return recipe
+
+
+def save_tiny_model(folder: Path, dtype: str = "bf16", **config) -> Path:
+    """A random tiny Llama saved as a Hugging Face folder (config.json + model.safetensors)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fitune.models.sources import config_from_dict
+
+    torch.manual_seed(0)
+    cfg = config_from_dict(dict(TINY_LLAMA, **config), where="tiny")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    AutoModelForCausalLM.from_config(cfg, dtype=dtypes[dtype]).save_pretrained(str(folder))
+    return folder

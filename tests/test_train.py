@@ -10,7 +10,7 @@ from fitune.recipe import Recipe
 from fitune.session import build_session
 from fitune.step import train_step
 
-from .conftest import TINY_LLAMA, tiny_recipe
+from .conftest import TINY_LLAMA, save_tiny_model, tiny_recipe
 
 
 def _snapshot(model):
@@ -135,6 +135,9 @@ def test_adapter_save_load_gives_identical_logits(tmp_path):
     src = sources.resolve(recipe)
     torch.manual_seed(recipe.train.seed)
     fresh = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32)
+    from fitune import attention
+
+    attention.install(fresh)  # the attention kernel fitune trains with on a CPU: bit-identical logits
     loaded = PeftModel.from_pretrained(fresh, str(result.output_dir / "adapter")).eval()
     # rebuild the trained model from the run: same base init + trained adapter state
     torch.manual_seed(recipe.train.seed)
@@ -224,3 +227,68 @@ def test_fp16_autocast_with_grad_scaler_trains_fp32_adapters():
     batch = _learnable_batch()
     losses = [float(train_step(s, [batch])) for _ in range(15)]
     assert losses[-1] < 0.5 * losses[0]
+
+
+def _folder_recipe(folder):
+    return Recipe.from_dict(
+        {
+            "model": {"source": str(folder), "dtype": "bf16"},
+            "method": {"kind": "qlora", "r": 4},
+            "train": {"seq_len": 16, "batch_size": 2, "lr": 1e-2, "precision": "bf16"},
+            "hardware": {"device": "cpu"},
+        }
+    )
+
+
+@pytest.mark.parametrize(("tied", "saved_dtype"), [(True, "bf16"), (False, "fp32")])
+def test_streamed_qlora_load_equals_quantizing_the_loaded_model(tmp_path, monkeypatch, tied, saved_dtype):
+    """QLoRA reads the checkpoint one tensor at a time; that must give what quantizing the whole loaded model
+    gives: the same packed bytes and quant states, other weights, buffers, tied head, and losses."""
+    import fitune.session
+
+    folder = save_tiny_model(tmp_path / "model", saved_dtype, tie_word_embeddings=tied)
+    recipe = _folder_recipe(folder)
+    sessions = []
+    for streamed in (True, False):
+        with monkeypatch.context() as m:
+            if not streamed:  # from_pretrained, then quantize_nf4 layer by layer
+                m.setattr(fitune.session, "streams_weights", lambda *a: False)
+            torch.manual_seed(0)
+            sessions.append(build_session(recipe, with_tokenizer=False))
+    new, old = (s.causal_lm for s in sessions)
+    a, b = new.state_dict(), old.state_dict()  # each Linear4bit's packed weight and quant state included
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    buffers, reference = dict(new.named_buffers()), dict(old.named_buffers())
+    assert buffers.keys() == reference.keys() and any("inv_freq" in k for k in buffers)  # not persistent
+    for key, value in buffers.items():
+        assert value.device.type == "cpu" and torch.equal(value, reference[key]), key
+    assert not any(t.is_meta for t in [*new.parameters(), *new.buffers()])
+    assert (new.lm_head.weight is new.model.embed_tokens.weight) == tied
+    batch = _learnable_batch()
+    losses = [[float(train_step(s, [batch])) for _ in range(3)] for s in sessions]
+    assert losses[0] == losses[1]
+
+
+def test_streamed_qlora_load_reads_bare_decoder_keys_and_names_a_missing_one(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from fitune.errors import ModelSourceError
+
+    folder = save_tiny_model(tmp_path / "model")
+    tensors = load_file(folder / "model.safetensors")
+    torch.manual_seed(0)
+    reference = build_session(_folder_recipe(folder), with_tokenizer=False).causal_lm.state_dict()
+    bare = tmp_path / "bare"  # saved from LlamaModel: no "model." prefix
+    bare.mkdir()
+    (bare / "config.json").write_text((folder / "config.json").read_text())
+    save_file({k.removeprefix("model."): v for k, v in tensors.items()}, bare / "model.safetensors")
+    torch.manual_seed(0)
+    loaded = build_session(_folder_recipe(bare), with_tokenizer=False).causal_lm.state_dict()
+    assert loaded.keys() == reference.keys()
+    assert all(torch.equal(loaded[k], reference[k]) for k in reference)
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, bare / "model.safetensors")
+    with pytest.raises(ModelSourceError, match=r"no tensor model\.layers\.1\.mlp\.down_proj\.weight"):
+        build_session(_folder_recipe(bare), with_tokenizer=False)

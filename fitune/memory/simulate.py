@@ -43,6 +43,9 @@ class Simulation:
     # host memory the run keeps off the device (offloaded activations): phase -> name -> peak bytes
     phase_host_peaks: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: float = 0.0
+    # the peaks of each phase's parts (fitune.memory.tracker: the pass, "phase/optimizer", "phase/end"):
+    # part -> bytes, breakdown, op, module, stage, and the allocator model's allocated / reserved peaks
+    parts: dict[str, dict] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -112,6 +115,7 @@ def simulate(
     round_bytes=None,
     allocator=None,
     host_is_device: bool = True,
+    steps: bool = True,
 ) -> Simulation:
     """Run load + two training steps of ``recipe`` on fake tensors; ``num_layers`` overrides the depth.
 
@@ -121,7 +125,7 @@ def simulate(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fitune.data.batching import synthetic_batch
-    from fitune.memory.tracker import MemoryTracker
+    from fitune.memory.tracker import MemoryTracker, PeakInfo
     from fitune.models import sources
     from fitune.session import build_session
     from fitune.step import train_step
@@ -154,7 +158,7 @@ def simulate(
                 )
             tracker.register_model(session.model)
             tracker.register_optimizer(session.optimizer)
-            for phase in PHASES[1:]:
+            for phase in PHASES[1:] if steps else ():  # steps=False: the load alone
                 with tracker.phase(phase), _allocator_phase(allocator, phase, alloc_peaks):
                     group = [
                         synthetic_batch(t.batch_size, t.seq_len, src.config.vocab_size)
@@ -171,18 +175,27 @@ def simulate(
             f"{type(exc).__name__}: {str(exc)[:300]}. An operation that reads tensor values cannot be planned; "
             "fix: choose another attention kernel, method or optimizer for the plan, or report the op"
         ) from exc
-    infos = {name: tracker.phase_peak_info(name) for name in PHASES}
+    parts = tracker.part_peak_infos()
     # Beyond two micro-batches, gradient accumulation repeats the same forward and backward over buffers that
     # already exist; only the waiting micro-batches (host memory, where host is the device) add bytes.
     waiting = max(0, t.grad_accum - 2) if host_is_device else 0
     if waiting:
         per_batch = 2 * (round_bytes or (lambda n: n))(t.batch_size * t.seq_len * 8)  # ids + targets, int64
-        for name in PHASES[1:]:
-            info = infos[name]
-            info.bytes += waiting * per_batch
-            info.breakdown = dict(info.breakdown)
-            key = next(c for c in info.breakdown if getattr(c, "value", c) == "temporaries")
-            info.breakdown[key] += waiting * per_batch
+        for part, info in parts.items():
+            if part.split("/")[0] in PHASES[1:]:
+                info.bytes += waiting * per_batch
+                info.breakdown = dict(info.breakdown)
+                key = next(c for c in info.breakdown if getattr(c, "value", c) == "temporaries")
+                info.breakdown[key] += waiting * per_batch
+    infos = {
+        name: max(
+            (info for part, info in parts.items() if part.split("/")[0] == name),
+            key=lambda info: (info.bytes, -info.event),
+            default=PeakInfo(phase=name),
+        )
+        for name in PHASES
+    }
+    part_alloc = tracker.part_allocator_peaks()
     timeline = [
         {
             "event": p.event,
@@ -214,6 +227,19 @@ def simulate(
         timeline=timeline,
         phase_host_peaks=tracker.host_phase_peaks(),
         seconds=time.perf_counter() - start,
+        parts={
+            part: {
+                "bytes": int(info.bytes),
+                "breakdown": _by_name(info.breakdown),
+                "op": info.op,
+                "module": info.module,
+                "stage": info.stage,
+                "allocated": part_alloc.get(part, (None, None))[0],
+                "reserved": part_alloc.get(part, (None, None))[1],
+            }
+            for part, info in parts.items()
+            if part.split("/")[0] in PHASES
+        },
     )
 
 

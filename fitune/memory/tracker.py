@@ -74,6 +74,11 @@ _FRESH = {torch.ops.aten.lift_fresh.default}
 
 NO_MODULE = "(none)"
 DEFAULT_PHASE = "default"
+# Parts of a phase, each with its own peak: a phase's peak is the largest of them. Each part's peak grows in
+# a straight line with the number of decoder layers, the phase's need not (past some depth the optimizer
+# step, or the fully loaded model, overtakes the pass's peak), so the planner extrapolates parts.
+PART_OPTIMIZER = "optimizer"  # the optimizer step
+PART_END = "end"  # the live bytes when the phase ends
 
 
 @dataclasses.dataclass
@@ -174,7 +179,10 @@ class MemoryTracker(TorchDispatchMode):
         self._event = 0
         self._phase = DEFAULT_PHASE
         self.peak = PeakInfo()
-        self._phase_peaks: dict[str, PeakInfo] = {}
+        self._phase_peaks: dict[str, PeakInfo] = {}  # phase or "phase/part" -> peak
+        self._part_alloc: dict[
+            str, list[int]
+        ] = {}  # same keys -> [allocated, reserved] peaks of the allocator
         # Timeline: one point per op, downsampled by keeping the max of `stride` ops when it grows.
         self._max_points = max_timeline_points
         self._points: list[TimelinePoint] = []
@@ -251,6 +259,19 @@ class MemoryTracker(TorchDispatchMode):
         try:
             yield
         finally:
+            key = f"{name}/{PART_END}"
+            module, stage = self._where()
+            self._phase_peaks[key] = PeakInfo(
+                self.live_bytes,
+                self._event,
+                "(end of phase)",
+                module,
+                stage,
+                name,
+                dict(self._live_by_category),
+            )
+            if self.allocator is not None:
+                self._part_alloc[key] = [self.allocator.allocated_bytes, self.allocator.reserved_bytes]
             self._phase = previous
 
     # ------------------------------------------------------------------ results
@@ -280,10 +301,23 @@ class MemoryTracker(TorchDispatchMode):
         return dict(self.peak.breakdown)
 
     def phase_peaks(self) -> dict[str, int]:
-        return {name: info.bytes for name, info in self._phase_peaks.items()}
+        return {name: self.phase_peak_info(name).bytes for name in self._phase_names()}
 
     def phase_peak_info(self, name: str) -> PeakInfo:
-        return dataclasses.replace(self._phase_peaks[name])
+        """The peak of phase ``name``: the largest of its parts."""
+        parts = [info for key, info in self._phase_peaks.items() if key.split("/")[0] == name]
+        return dataclasses.replace(max(parts, key=lambda info: (info.bytes, -info.event)))
+
+    def part_peak_infos(self) -> dict[str, PeakInfo]:
+        """Peaks by part: ``phase`` (the pass outside the optimizer), ``phase/optimizer``, ``phase/end``."""
+        return {key: dataclasses.replace(info) for key, info in self._phase_peaks.items()}
+
+    def part_allocator_peaks(self) -> dict[str, tuple[int, int]]:
+        """With an allocator model: its (allocated, reserved) peaks by part, keys as ``part_peak_infos``."""
+        return {key: (a, r) for key, (a, r) in self._part_alloc.items()}
+
+    def _phase_names(self) -> list[str]:
+        return list(dict.fromkeys(key.split("/")[0] for key in self._phase_peaks))
 
     def host_phase_peaks(self) -> dict[str, dict[str, int]]:
         """Phase -> host category -> the most host bytes of that category live in the phase."""
@@ -445,7 +479,12 @@ class MemoryTracker(TorchDispatchMode):
         """Close one event: update the peaks and the timeline with the live total after `op`."""
         event, self._event = self._event, self._event + 1
         live = self.live_bytes
-        phase_peak = self._phase_peaks.get(self._phase)
+        key = f"{self._phase}/{PART_OPTIMIZER}" if self._in_optimizer is not None else self._phase
+        if self.allocator is not None:
+            alloc = self._part_alloc.setdefault(key, [0, 0])
+            alloc[0] = max(alloc[0], self.allocator.allocated_bytes)
+            alloc[1] = max(alloc[1], self.allocator.reserved_bytes)
+        phase_peak = self._phase_peaks.get(key)
         new_peak = live > self.peak.bytes or self.peak.event < 0
         new_phase_peak = phase_peak is None or live > phase_peak.bytes
         pending = self._pending
@@ -456,7 +495,7 @@ class MemoryTracker(TorchDispatchMode):
         if new_peak:
             self.peak = PeakInfo(live, event, op, module, stage, self._phase, dict(self._live_by_category))
         if new_phase_peak:
-            self._phase_peaks[self._phase] = PeakInfo(
+            self._phase_peaks[key] = PeakInfo(
                 live, event, op, module, stage, self._phase, dict(self._live_by_category)
             )
         if pending is None or live > pending.live_bytes:

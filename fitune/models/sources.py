@@ -317,3 +317,135 @@ def fetch_alias(alias: str) -> Path:
                 shutil.copyfileobj(src, dst)
             partial.rename(target)
     return target
+
+
+# --- safetensors, one tensor at a time -------------------------------------------------------------------
+
+# dtype names of the safetensors format -> torch dtype names
+SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+
+
+@dataclass
+class _Entry:
+    path: Path
+    dtype: str  # torch dtype name
+    shape: list[int]
+    offset: int  # first byte in the file
+    nbytes: int
+
+
+class SafetensorsFolder:
+    """The tensors of a model folder's safetensors files, read one at a time into memory torch allocates.
+
+    Only the files' JSON headers are parsed up front (the format holds no code, unlike pickle). Memory-mapping
+    a file would make the whole file one storage that every tensor taken from it keeps alive; reading each
+    tensor's bytes into its own tensor keeps one tensor in flight and lets memory measurement see it.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.files = _safetensors_files(folder)
+        self.entries: dict[str, _Entry] = {}
+        for path in self.files:
+            self.entries.update(_read_safetensors_header(path))
+
+    def find(self, candidates: list[str]) -> str | None:
+        return next((key for key in candidates if key in self.entries), None)
+
+    def read(self, key: str, dtype=None):
+        """The tensor ``key``, in ``dtype`` when given (converted after reading, as loading in a dtype does)."""
+        import torch
+
+        e = self.entries[key]
+        t = torch.empty(e.shape, dtype=getattr(torch, e.dtype))
+        if e.nbytes:
+            view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            with open(e.path, "rb", buffering=0) as f:
+                f.seek(e.offset)
+                while view.nbytes:
+                    n = f.readinto(view)
+                    if not n:
+                        raise ModelSourceError(
+                            f"{e.path}: file ends inside tensor {key}; fix: re-download it"
+                        )
+                    view = view[n:]
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+        return t
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The files transformers would load: those of the shard index, else model.safetensors, else all."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ModelSourceError(
+                f"{index}: not a safetensors shard index ({exc}); fix: re-download it"
+            ) from None
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
+
+
+def _read_safetensors_header(path: Path) -> dict[str, _Entry]:
+    """Tensor name -> where its bytes lie; the header is checked against the file so no read runs past it."""
+    bad = f"{path}: not a valid safetensors file"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < length <= size - 8:
+                raise ModelSourceError(f"{bad} (header length); fix: re-download or re-convert it")
+            header = json.loads(f.read(length))
+    except OSError as exc:
+        raise ModelSourceError(f"{path}: cannot read: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelSourceError(f"{bad} (header: {exc}); fix: re-download or re-convert it") from None
+    if not isinstance(header, dict):
+        raise ModelSourceError(f"{bad} (header is not a mapping); fix: re-download or re-convert it")
+    import torch
+
+    start = 8 + length
+    entries = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(n) for n in info["shape"]]
+            begin, end = (int(n) for n in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelSourceError(
+                f"{path}: tensor {key} has an unsupported dtype or a malformed header entry ({info!r}); fix: "
+                f"convert the checkpoint to one of {', '.join(SAFETENSORS_DTYPES)}"
+            ) from None
+        numel = 1
+        for n in shape:
+            numel *= n
+        itemsize = getattr(torch, dtype).itemsize
+        if (
+            min(shape, default=0) < 0
+            or not 0 <= begin <= end <= size - start
+            or end - begin != numel * itemsize
+        ):
+            raise ModelSourceError(
+                f"{bad} (tensor {key} does not fit its bytes); fix: re-download or re-convert it"
+            )
+        entries[key] = _Entry(path, dtype, shape, start + begin, end - begin)
+    return entries

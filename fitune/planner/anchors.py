@@ -71,7 +71,9 @@ class Depth:
     ops: tuple[tuple[str, str], ...]  # (op, stage) of each micro-batch point: how timelines line up
     step: Any  # numpy array, points x categories(): live bytes after each op of the micro-batch
     opt: Any  # numpy vector: bytes by category at the peak after the last backward op
-    load: dict[str, int]  # the load phase as plan() counts it (allocator blocks included)
+    load: dict[
+        str, dict[str, int]
+    ]  # part of the load phase -> bytes as plan() counts them (allocator blocks)
     excess: int  # allocator blocks beyond the tensors at the steady-step peak (CUDA)
 
 
@@ -99,9 +101,10 @@ def _depth(sim: Simulation) -> Depth:
     step, after = points[: last + 1], points[last + 1 :] or points[-1:]
     matrix = np.array([[p["by_category"].get(c, 0) for c in cats] for p in step], dtype=np.float64)
     opt = max(after, key=lambda p: p["live_bytes"])
-    load = dict(sim.phase_breakdowns["load"])
-    tensors = sim.phase_peaks["load"]
-    load[ALLOCATOR] = max(0, sim.phase_allocated.get("load", tensors) - tensors)
+    load = {}
+    for name, part in sim.parts.items():
+        if name.split("/")[0] == "load":
+            load[name] = {**part["breakdown"], ALLOCATOR: max(0, (part["allocated"] or 0) - part["bytes"])}
     steady = sim.phase_peaks["steady_step"]
     return Depth(
         layers=sim.num_layers,
@@ -216,7 +219,7 @@ def derive(
             where = f"{'loss' if stage == 'other' else stage} of the {batch}"
         load = d1.load
         if a3 is not None and kr:
-            load = _affine(load, a3.depths[i].load, kr)
+            load = {name: _affine(part, a3.depths[i].load[name], kr) for name, part in load.items()}
         loads.append(load)
 
     k = a1.k
@@ -224,7 +227,11 @@ def derive(
         c: int(round(steady[0][j] + k * (steady[-1][j] - steady[0][j]))) for j, c in enumerate(cats)
     }
     steady_bytes[ALLOCATOR] = max(a.excess for a in (a1, a2, a3, a4) if a is not None)
-    load_bytes = _affine(loads[0], loads[-1], k)
+    # each part of the load grows in a straight line with depth; the load's peak is the largest at full depth
+    load_bytes = max(
+        (_affine(loads[0].get(name, {}), loads[-1][name], k) for name in loads[-1]),
+        key=lambda b: sum(b.values()),
+    )
     if sum(load_bytes.values()) > sum(steady_bytes.values()):
         phase, breakdown, where = "load", load_bytes, "load"
     else:

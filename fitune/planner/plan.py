@@ -98,7 +98,33 @@ def traced_runs(
         return [run(num_layers)], 0.0
     # two and three layer groups: the first group's load differs from the others (embeddings are
     # initialised before it), from the second on every group adds the same bytes
-    return [run(2 * period), run(3 * period)], num_layers / period - 2
+    sims = [run(2 * period), run(3 * period)]
+    if recipe.method.kind == "qlora":
+        # a streamed QLoRA load peaks while one layer is quantized or at its very end, on top of all the layers
+        # already loaded, whichever is larger at the full depth: the load alone, traced at full depth, is exact
+        load = simulate(
+            recipe,
+            source=source,
+            num_layers=num_layers,
+            round_bytes=device_model.round_bytes,
+            allocator=device_model.new_allocator(),
+            host_is_device=on_host,
+            steps=False,
+        )
+        for sim in sims:
+            _take_load(sim, load)
+    return sims, num_layers / period - 2
+
+
+def _take_load(sim: Simulation, load: Simulation) -> None:
+    """Replace the load phase of ``sim`` by the one of ``load`` (a load-only trace at full depth)."""
+    sim.parts = {**{n: p for n, p in sim.parts.items() if n.split("/")[0] != "load"}, **load.parts}
+    for field_name in ("phase_peaks", "phase_breakdowns", "phase_peak_ops", "phase_peak_modules"):
+        getattr(sim, field_name)["load"] = getattr(load, field_name)["load"]
+    sim.phase_peak_stages["load"] = load.phase_peak_stages["load"]
+    for field_name in ("phase_allocated", "phase_reserved"):
+        if "load" in getattr(load, field_name):
+            getattr(sim, field_name)["load"] = getattr(load, field_name)["load"]
 
 
 def plan(recipe, *, full_trace: bool = False) -> Plan:
@@ -115,24 +141,33 @@ def plan(recipe, *, full_trace: bool = False) -> Plan:
     sims, k = traced_runs(recipe, source=source, device_model=model, full_trace=full_trace)
     a, b = sims[0], sims[-1]
 
-    def at_depth(field_a: dict, field_b: dict) -> dict:
-        return {ph: _affine(field_a.get(ph, 0), field_b.get(ph, 0), k) for ph in PHASES}
+    # every part of a phase (the pass, its optimizer step, its end) grows in a straight line with depth; the
+    # phase's peak is the largest part at full depth, which need not be the largest in the short traces
+    parts = {}
+    for name in b.parts:
+        pa, pb = a.parts.get(name, b.parts[name]), b.parts[name]
+        cats = set(pa["breakdown"]) | set(pb["breakdown"])
+        total = _affine(pa["bytes"], pb["bytes"], k)
+        allocated = None
+        if pa["allocated"] is not None and pb["allocated"] is not None:
+            allocated = max(_affine(pa["allocated"], pb["allocated"], k), total)
+        breakdown = {c: _affine(pa["breakdown"].get(c, 0), pb["breakdown"].get(c, 0), k) for c in cats}
+        parts[name] = (total, breakdown, allocated)
 
-    phases = at_depth(a.phase_peaks, b.phase_peaks)
-    breakdowns = {}
-    for ph in PHASES:
-        cats = set(a.phase_breakdowns[ph]) | set(b.phase_breakdowns[ph])
-        breakdowns[ph] = {
-            c: _affine(a.phase_breakdowns[ph].get(c, 0), b.phase_breakdowns[ph].get(c, 0), k) for c in cats
-        }
+    def size(name: str) -> int:
+        total, _, allocated = parts[name]
+        return allocated if model.kind == "cuda" and allocated is not None else total
+
+    chosen = {ph: max((n for n in parts if n.split("/")[0] == ph), key=size) for ph in PHASES}
+    phases = {ph: parts[chosen[ph]][0] for ph in PHASES}
+    breakdowns = {ph: dict(parts[chosen[ph]][1]) for ph in PHASES}
     overheads: dict[str, int] = {}
     cuda: dict[str, int] = {}
     if model.kind == "cuda":
         from fitune.memory.devices import cuda_totals
 
-        allocated = at_depth(a.phase_allocated, b.phase_allocated)
         # whole cached blocks beyond the 512-byte rounded tensors (never below the tensors themselves)
-        allocated = {ph: max(allocated[ph], phases[ph]) for ph in PHASES}
+        allocated = {ph: max(parts[chosen[ph]][2] or 0, phases[ph]) for ph in PHASES}
         for ph in PHASES:
             breakdowns[ph]["allocator_blocks"] = allocated[ph] - phases[ph]
         extra = {o.name: o.bytes for o in model.overheads() if o.counted_in == "allocated"}
@@ -158,10 +193,10 @@ def plan(recipe, *, full_trace: bool = False) -> Plan:
         peak_bytes=phases[peak_phase],
         phases=phases,
         breakdown={c: v for c, v in sorted(breakdowns[peak_phase].items()) if v},
-        peak_op=b.phase_peak_ops[peak_phase],
-        peak_module=_where(b.phase_peak_modules[peak_phase], b.num_layers, num_layers),
+        peak_op=b.parts[chosen[peak_phase]]["op"],
+        peak_module=_where(b.parts[chosen[peak_phase]]["module"], b.num_layers, num_layers),
         peak_phase=peak_phase,
-        peak_stage=b.phase_peak_stages[peak_phase],
+        peak_stage=b.parts[chosen[peak_phase]]["stage"],
         timeline=b.timeline,
         device=model.kind,
         gpu=target["gpu"].name if target["gpu"] is not None else None,
