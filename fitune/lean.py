@@ -10,7 +10,8 @@ decoder layer several of those tensors are cheap elementwise functions of tensor
 ``Derived`` is a pair of saved-tensor hooks: a tensor registered as ``fn(*args)`` is not kept when an op
 saves it; the op keeps a note instead and backward recomputes it (one elementwise pass, no matrix multiply).
 With ``train.recompute_mlp`` the MLP's gate and up projections are recomputed too (two matrix multiplies
-per layer, about a seventh of the layer's forward), and the layer keeps nothing of its MLP.
+per layer, about a seventh of the layer's forward), and the layer keeps nothing of its MLP; with
+``recompute_mlp: up`` only the up projection (half the cost, half the saving).
 The patched forwards below run the model's own ops in the model's own order (so forward values are
 bit-identical) and register those tensors. Only modules whose forward is textually the Llama one are
 patched; anything else runs untouched.
@@ -234,15 +235,17 @@ def _act_mul(act_fn: Callable, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor
 def _lean_mlp(self, x: torch.Tensor) -> torch.Tensor:
     # each tensor is registered before any op can save it
     derived: Derived | None = getattr(self, "_fitune_derived", None)
-    recompute = derived is not None and getattr(self, "_fitune_recompute_projections", False)
+    recompute = getattr(self, "_fitune_recompute_projections", ()) if derived is not None else ()
     gate = self.gate_proj(x)
-    if recompute:  # the widest activations of the layer, recomputed from the (recomputed) norm output
+    if (
+        "gate" in recompute
+    ):  # the widest activations of the layer, recomputed from the (recomputed) norm output
         derived.register(gate, self.gate_proj, x)
     act = self.act_fn(gate)  # keeps gate
     if derived is not None:
         derived.register(act, self.act_fn, gate)
     up = self.up_proj(x)
-    if recompute:
+    if "up" in recompute:
         derived.register(up, self.up_proj, x)
     h = act * up  # keeps act and up
     if derived is not None:
@@ -250,18 +253,19 @@ def _lean_mlp(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(h)  # down_proj's adapter keeps h
 
 
-def install(model: nn.Module, derived: Derived, *, recompute_mlp: bool = False) -> list[str]:
+def install(model: nn.Module, derived: Derived, *, recompute_mlp: bool | str = False) -> list[str]:
     """Patch the Llama-family norms and gated MLPs of ``model``; returns the patched class names.
 
-    ``recompute_mlp`` also recomputes the MLP's gate and up projections in backward (two matrix multiplies
-    per layer) instead of keeping them."""
+    ``recompute_mlp`` also recomputes the MLP's up projection (``"up"``) or its gate and up projections
+    (``True``) in backward instead of keeping them: one or two matrix multiplies per layer."""
+    projections = {False: (), "up": ("up",), True: ("gate", "up")}[recompute_mlp]
     patched: set[str] = set()
     for module in model.modules():
         if _is(module, _LLAMA_NORM_BODY):
             module.forward = types.MethodType(_lean_rmsnorm, module)
         elif _is(module, _LLAMA_MLP_BODY):
             module.forward = types.MethodType(_lean_mlp, module)
-            module._fitune_recompute_projections = recompute_mlp
+            module._fitune_recompute_projections = projections
         else:
             continue
         module._fitune_derived = derived

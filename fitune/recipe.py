@@ -114,10 +114,10 @@ class TrainSpec(_Strict):
         description="Keep fewer tensors for backward in Llama-family norms and SwiGLU MLPs (recomputed "
         "elementwise in backward; same values).",
     )
-    recompute_mlp: bool = Field(
+    recompute_mlp: Union[bool, Literal["up"]] = Field(
         False,
-        description="With lean_activations, also recompute the MLP's gate and up projections in backward "
-        "instead of keeping them (two matrix multiplies per layer).",
+        description="With lean_activations, also recompute in backward the MLP's gate and up projections "
+        "(true: two matrix multiplies per layer) or its up projection only (up: one), instead of keeping them.",
     )
     attention: Attention = Field("sdpa", description="eager | sdpa | flash_attention_2.")
     loss_chunk: Union[int, Literal["auto"]] = Field(

@@ -313,7 +313,7 @@ def test_fused_chunked_loss_keeps_no_logits_and_recomputes_nothing():
     assert plain_biggest >= logits and fused_biggest < logits
 
 
-@pytest.mark.parametrize("recompute_mlp", [False, True])
+@pytest.mark.parametrize("recompute_mlp", [False, True, "up"])
 def test_lean_activations_give_the_same_losses_and_gradients(recompute_mlp):
     batch = _learnable_batch()
     for precision in ("fp32", "bf16"):
@@ -366,9 +366,11 @@ def test_recompute_mlp_recomputes_each_projection_once():
             micro_batch_loss(s, batch, torch.tensor(32)).backward()
         return counter.get_total_flops()
 
-    extra = flops(recompute_mlp=True) - flops()
-    d, inter, r, tokens, layers = 64, 128, 4, 32, 2  # gate and up: base weight and adapter, forward only
-    assert extra == layers * 2 * 2 * tokens * (d * inter + r * (d + inter))
+    plain = flops()
+    d, inter, r, tokens, layers = 64, 128, 4, 32, 2  # a projection: base weight and adapter, forward only
+    projection = layers * 2 * tokens * (d * inter + r * (d + inter))
+    assert flops(recompute_mlp=True) - plain == 2 * projection  # gate and up
+    assert flops(recompute_mlp="up") - plain == projection
 
 
 def test_adapters_share_their_bf16_input_under_autocast():
