@@ -81,7 +81,7 @@ def traced_runs(
     period = math.lcm(layer_period(source.config), checkpoint_period(recipe, num_layers))
     on_host = device_model.kind == "cpu"
 
-    def run(n: int) -> Simulation:
+    def run(n: int, steps: bool = True) -> Simulation:
         return simulate(
             recipe,
             source=source,
@@ -89,6 +89,7 @@ def traced_runs(
             round_bytes=device_model.round_bytes,
             allocator=device_model.new_allocator(),
             host_is_device=on_host,
+            steps=steps,
         )
 
     if warm_up:
@@ -102,15 +103,7 @@ def traced_runs(
     if recipe.method.kind == "qlora":
         # a streamed QLoRA load peaks while one layer is quantized or at its very end, on top of all the layers
         # already loaded, whichever is larger at the full depth: the load alone, traced at full depth, is exact
-        load = simulate(
-            recipe,
-            source=source,
-            num_layers=num_layers,
-            round_bytes=device_model.round_bytes,
-            allocator=device_model.new_allocator(),
-            host_is_device=on_host,
-            steps=False,
-        )
+        load = run(num_layers, steps=False)
         for sim in sims:
             _take_load(sim, load)
     return sims, num_layers / period - 2
