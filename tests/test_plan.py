@@ -140,3 +140,19 @@ def test_plan_cli_prints_the_host_memory_of_offloaded_activations(tmp_path):
     table = CliRunner().invoke(app, ["plan", str(path), "--no-search"])
     assert table.exit_code == 0, table.output
     assert "host memory: offloaded_activations peak at" in table.output
+
+
+def test_tied_embedding_gradients_are_summed_in_place_as_the_engine_does():
+    """A full fine-tune with tied embeddings: backward adds the head's and the embedding's gradients of the
+    shared weight in place (the engine holds the only reference); the plan must not count a third copy."""
+    r = Recipe.from_dict(
+        {
+            "model": {"config": dict(TINY_LLAMA, vocab_size=8192), "dtype": "bf16"},
+            "method": {"kind": "full"},
+            "train": {"seq_len": 32, "batch_size": 1, "precision": "bf16"},
+            "hardware": {"device": "cpu"},
+        }
+    )
+    predicted, measured = fitune.plan(r), fitune.measure(r)
+    embedding_grad = 8192 * TINY_LLAMA["hidden_size"] * 4
+    assert abs(predicted.phases["steady_step"] - measured.phases["steady_step"]) < 0.1 * embedding_grad

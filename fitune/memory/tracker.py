@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
@@ -197,6 +198,7 @@ class MemoryTracker(TorchDispatchMode):
         self._segments: list[tuple[int, int, str]] = []  # [start, end) sequence nrs -> innermost module
         self._max_segments = 200_000
         self._in_optimizer: str | None = None
+        self._shared_grads: set[tuple[tuple[int, ...], torch.dtype]] = set()  # (shape, dtype) of tied weights
         self._handles: list[Any] = []
         self._saved_hooks: Any = None
         self._depth = 0
@@ -206,9 +208,17 @@ class MemoryTracker(TorchDispatchMode):
     def register_model(self, model: nn.Module) -> None:
         """Count the model's parameters and buffers (frozen vs trainable by requires_grad)."""
         names = {m: (q or type(model).__name__) for q, m in model.named_modules(remove_duplicate=False)}
+        uses: dict[int, int] = {}
         for mod, name in names.items():
             for p in mod.parameters(recurse=False):
                 self._param_module.setdefault(p, name)
+                uses[id(p)] = uses.get(id(p), 0) + 1
+        # a trainable weight two modules share (tied embeddings) gets two gradients that backward adds up
+        self._shared_grads |= {
+            (tuple(p.shape), p.dtype)
+            for p in model.parameters()
+            if p.requires_grad and uses.get(id(p), 0) > 1
+        }
         for p in model.parameters():
             cat = Category.TRAINABLE_WEIGHTS if p.requires_grad else Category.FROZEN_WEIGHTS
             self._categorize(p, cat, force=True)
@@ -360,6 +370,13 @@ class MemoryTracker(TorchDispatchMode):
             self._in_optimizer = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if self._engine_accumulates_in_place(func, args, kwargs):
+            # autograd's engine adds the second gradient of a shared weight into the first in place when it
+            # holds the only reference (a fresh gradient: always, here); on fake tensors it cannot tell, and
+            # would allocate a third weight-sized tensor the real run never has
+            torch.ops.aten.add_.Tensor(args[0], args[1])
+            self._note("aten.add_.Tensor")
+            return args[0]
         try:
             out = func(*args, **(kwargs or {}))
         except Exception:
@@ -393,6 +410,16 @@ class MemoryTracker(TorchDispatchMode):
         return out
 
     # ------------------------------------------------------------------ bookkeeping
+
+    def _engine_accumulates_in_place(self, func, args, kwargs) -> bool:
+        if func is not torch.ops.aten.add.Tensor or kwargs or not self._shared_grads or len(args) != 2:
+            return False
+        a, b = args
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and is_fake(a) and is_fake(b)):
+            return False
+        if torch._C._current_graph_task_id() == -1 or self._module_stack or self._in_optimizer is not None:
+            return False  # only between backward nodes
+        return a.shape == b.shape and a.dtype == b.dtype and (tuple(a.shape), a.dtype) in self._shared_grads
 
     def _on_output(self, t: torch.Tensor, aliased: bool) -> None:
         if t.device.type == "meta":  # shape-only placeholders own no memory
