@@ -167,6 +167,15 @@ class TrainSpec(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _recompute_mlp_needs_lean_activations(self) -> TrainSpec:
+        if self.recompute_mlp and not self.lean_activations:
+            raise ValueError(
+                f"recompute_mlp: {self.recompute_mlp!r} works through the lean activations, and "
+                "lean_activations is false; fix: set lean_activations: true, or recompute_mlp: false"
+            )
+        return self
+
 
 class HardwareSpec(_Strict):
     device: str = Field(

@@ -78,3 +78,16 @@ def test_recipe_round_trips_through_yaml(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(r.to_yaml())
     assert Recipe.from_yaml(path).to_dict() == r.to_dict()
+
+
+def test_recompute_mlp_without_lean_activations_names_the_fix():
+    with pytest.raises(
+        RecipeError, match=r"recompute_mlp.*lean_activations is false; fix: set lean_activations"
+    ):
+        Recipe.from_dict(
+            {"model": {"source": "x"}, "train": {"recompute_mlp": "up", "lean_activations": False}}
+        )
+    assert (
+        Recipe.from_dict({"model": {"source": "x"}, "train": {"recompute_mlp": "up"}}).train.recompute_mlp
+        == "up"
+    )
