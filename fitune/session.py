@@ -436,8 +436,9 @@ def build_session(
         apply_checkpointing(recipe, model)
     model = apply_method(recipe, model, device)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if device.type == "cpu":
-        # torch's fused attention kernels are built for GPUs; on a CPU the blocked one trains faster
+    if device.type == "cpu" and host_staging is None:
+        # torch's fused attention kernels are built for GPUs; on a CPU the blocked one trains faster. A plan for
+        # a GPU (fake tensors on the CPU, host_staging given) keeps the SDPA the GPU will run.
         attention.install(causal_lm)
     derived = None
     if recipe.train.lean_activations:

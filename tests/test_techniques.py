@@ -193,6 +193,20 @@ def test_blocked_causal_attention_equals_exact_attention(heads, kv_heads, t, blo
         assert torch.allclose(g, w, atol=1e-5)
 
 
+def test_gpu_plans_keep_sdpa_and_cpu_plans_trace_the_blocked_attention(monkeypatch):
+    import fitune.session
+
+    installed = []
+    real = fitune.session.attention.install
+    monkeypatch.setattr(
+        fitune.session.attention, "install", lambda m: installed.append(real(m)) or installed[-1]
+    )
+    fitune.plan(_plan_recipe(device="rtx-4090"))
+    assert installed == []  # the GPU runs torch's SDPA, so its plan traces that
+    fitune.plan(_plan_recipe())
+    assert installed and all(installed)
+
+
 def test_cpu_sdpa_trains_with_blocked_attention_and_padding_falls_back():
     from fitune.attention import NAME
 
