@@ -17,6 +17,7 @@ unseen tail of a storage used only through a narrower view are missing. Hence tw
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,9 @@ def measure_cpu_peak(fn: Callable[[], Any], *, warmup: int = 0) -> CpuMeasuremen
     """Run `fn` `warmup` times unprofiled, then once under the memory profiler; report the CPU peak."""
     for _ in range(warmup):
         fn()
+    # garbage left by earlier work (a model in a reference cycle) must not be freed inside the profiled
+    # window: the profiler would see only part of it, as pre-existing storage, and the peak would be off
+    gc.collect()
     # with_stack=True is required by `profile._memory_profile()`; its Python tracer is also what
     # lets the profiler label parameters and optimizer state.
     with profile(
