@@ -93,6 +93,7 @@ def build_model(
     *,
     fake: bool,
     stage_on_host: bool = False,
+    cpu_target: bool = True,
 ) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -104,7 +105,7 @@ def build_model(
     if recipe.method.kind == "qlora" and streams_weights(recipe, config):
         # the linear layers are read (or initialized) one at a time as quantize_nf4 swaps them; the rest
         # stays on the host until apply_method moves it
-        return build_streamed(recipe, source, dtype, attn, fake=fake)
+        return build_streamed(recipe, source, dtype, attn, fake=fake, cpu_target=cpu_target)
     if source.weights_dir is not None and not fake:
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -142,7 +143,13 @@ def streams_weights(recipe: Recipe, config) -> bool:
 
 
 def build_streamed(
-    recipe: Recipe, source: sources.ResolvedSource, dtype: torch.dtype, attn: str, *, fake: bool
+    recipe: Recipe,
+    source: sources.ResolvedSource,
+    dtype: torch.dtype,
+    attn: str,
+    *,
+    fake: bool,
+    cpu_target: bool,
 ) -> nn.Module:
     """A model for QLoRA that never holds its full-precision weights at once.
 
@@ -199,9 +206,7 @@ def build_streamed(
                 model._init_weights(module)
                 for value in fresh:
                     value._is_hf_initialized = True
-    target = recipe.hardware.device
-    on_cpu = target == "cpu" or (target == "auto" and not torch.cuda.is_available())
-    pending = PendingWeights(_pending_weights(folder, key_for), cpu_kernels=fake and on_cpu)
+    pending = PendingWeights(_pending_weights(folder, key_for), cpu_kernels=fake and cpu_target)
     setattr(model, PENDING_WEIGHTS, pending)
     return model
 
@@ -429,16 +434,18 @@ def build_session(
         from fitune.models.tokenizers import load_tokenizer
 
         tokenizer = load_tokenizer(source, source.config)
+    # training or planning for a CPU: a plan for a GPU runs fake tensors on the CPU with host_staging given
+    cpu_target = device.type == "cpu" and host_staging is None
     stage = recipe.method.kind == "qlora"  # full-precision weights wait in host memory until quantized
     with host_staging() if (stage and host_staging is not None) else contextlib.nullcontext():
-        model = build_model(recipe, source, device, fake=fake, stage_on_host=stage)
+        model = build_model(recipe, source, device, fake=fake, stage_on_host=stage, cpu_target=cpu_target)
     if recipe.train.gradient_checkpointing:
         apply_checkpointing(recipe, model)
     model = apply_method(recipe, model, device)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if device.type == "cpu" and host_staging is None:
-        # torch's fused attention kernels are built for GPUs; on a CPU the blocked one trains faster. A plan for
-        # a GPU (fake tensors on the CPU, host_staging given) keeps the SDPA the GPU will run.
+    if cpu_target:
+        # torch's fused attention kernels are built for GPUs; on a CPU the blocked one trains faster; a plan for
+        # a GPU keeps the SDPA the GPU will run
         attention.install(causal_lm)
     derived = None
     if recipe.train.lean_activations:
