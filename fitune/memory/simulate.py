@@ -125,7 +125,7 @@ def simulate(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fitune.data.batching import synthetic_batch
-    from fitune.memory.tracker import MemoryTracker, PeakInfo
+    from fitune.memory.tracker import MemoryTracker, PeakInfo, largest, phase_of
     from fitune.models import sources
     from fitune.session import build_session
     from fitune.step import train_step
@@ -182,17 +182,13 @@ def simulate(
     if waiting:
         per_batch = 2 * (round_bytes or (lambda n: n))(t.batch_size * t.seq_len * 8)  # ids + targets, int64
         for part, info in parts.items():
-            if part.split("/")[0] in PHASES[1:]:
+            if phase_of(part) in PHASES[1:]:
                 info.bytes += waiting * per_batch
                 info.breakdown = dict(info.breakdown)
                 key = next(c for c in info.breakdown if getattr(c, "value", c) == "temporaries")
                 info.breakdown[key] += waiting * per_batch
     infos = {
-        name: max(
-            (info for part, info in parts.items() if part.split("/")[0] == name),
-            key=lambda info: (info.bytes, -info.event),
-            default=PeakInfo(phase=name),
-        )
+        name: largest((info for part, info in parts.items() if phase_of(part) == name), PeakInfo(phase=name))
         for name in PHASES
     }
     part_alloc = tracker.part_allocator_peaks()
@@ -238,7 +234,7 @@ def simulate(
                 "reserved": part_alloc.get(part, (None, None))[1],
             }
             for part, info in parts.items()
-            if part.split("/")[0] in PHASES
+            if phase_of(part) in PHASES
         },
     )
 

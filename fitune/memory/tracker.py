@@ -32,7 +32,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from functools import partial
@@ -80,6 +80,19 @@ DEFAULT_PHASE = "default"
 # step, or the fully loaded model, overtakes the pass's peak), so the planner extrapolates parts.
 PART_OPTIMIZER = "optimizer"  # the optimizer step
 PART_END = "end"  # the live bytes when the phase ends
+
+
+def phase_of(part: str) -> str:
+    """The phase a part ("steady_step", "steady_step/optimizer", "load/end") belongs to."""
+    return part.split("/")[0]
+
+
+def largest(peaks: Iterable[PeakInfo], default: PeakInfo | None = None) -> PeakInfo:
+    """The peak of a phase: the largest of its parts' peaks, the earliest on a tie."""
+    peaks = list(peaks)
+    if not peaks and default is not None:
+        return default
+    return max(peaks, key=lambda info: (info.bytes, -info.event))
 
 
 @dataclasses.dataclass
@@ -315,8 +328,9 @@ class MemoryTracker(TorchDispatchMode):
 
     def phase_peak_info(self, name: str) -> PeakInfo:
         """The peak of phase ``name``: the largest of its parts."""
-        parts = [info for key, info in self._phase_peaks.items() if key.split("/")[0] == name]
-        return dataclasses.replace(max(parts, key=lambda info: (info.bytes, -info.event)))
+        return dataclasses.replace(
+            largest(i for key, i in self._phase_peaks.items() if phase_of(key) == name)
+        )
 
     def part_peak_infos(self) -> dict[str, PeakInfo]:
         """Peaks by part: ``phase`` (the pass outside the optimizer), ``phase/optimizer``, ``phase/end``."""
@@ -327,7 +341,7 @@ class MemoryTracker(TorchDispatchMode):
         return {key: (a, r) for key, (a, r) in self._part_alloc.items()}
 
     def _phase_names(self) -> list[str]:
-        return list(dict.fromkeys(key.split("/")[0] for key in self._phase_peaks))
+        return list(dict.fromkeys(phase_of(key) for key in self._phase_peaks))
 
     def host_phase_peaks(self) -> dict[str, dict[str, int]]:
         """Phase -> host category -> the most host bytes of that category live in the phase."""

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fitune.memory.simulate import Simulation
+from fitune.memory.tracker import phase_of
 from fitune.planner.plan import traced_runs
 
 STEP_STAGES = ("backward", "recompute")
@@ -71,9 +72,8 @@ class Depth:
     ops: tuple[tuple[str, str], ...]  # (op, stage) of each micro-batch point: how timelines line up
     step: Any  # numpy array, points x categories(): live bytes after each op of the micro-batch
     opt: Any  # numpy vector: bytes by category at the peak after the last backward op
-    load: dict[
-        str, dict[str, int]
-    ]  # part of the load phase -> bytes as plan() counts them (allocator blocks)
+    # part of the load phase -> bytes by category as plan() counts them (allocator blocks included)
+    load: dict[str, dict[str, int]]
     excess: int  # allocator blocks beyond the tensors at the steady-step peak (CUDA)
 
 
@@ -103,7 +103,7 @@ def _depth(sim: Simulation) -> Depth:
     opt = max(after, key=lambda p: p["live_bytes"])
     load = {}
     for name, part in sim.parts.items():
-        if name.split("/")[0] == "load":
+        if phase_of(name) == "load":
             load[name] = {**part["breakdown"], ALLOCATOR: max(0, (part["allocated"] or 0) - part["bytes"])}
     steady = sim.phase_peaks["steady_step"]
     return Depth(

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from fitune.memory.simulate import PHASES, Simulation, simulate
+from fitune.memory.tracker import phase_of
 
 FULL_TRACE_MAX_LAYERS = 6  # at or below this depth, trace every layer
 
@@ -111,7 +112,7 @@ def traced_runs(
 
 def _take_load(sim: Simulation, load: Simulation) -> None:
     """Replace the load phase of ``sim`` by the one of ``load`` (a load-only trace at full depth)."""
-    sim.parts = {**{n: p for n, p in sim.parts.items() if n.split("/")[0] != "load"}, **load.parts}
+    sim.parts = {**{n: p for n, p in sim.parts.items() if phase_of(n) != "load"}, **load.parts}
     for field_name in ("phase_peaks", "phase_breakdowns", "phase_peak_ops", "phase_peak_modules"):
         getattr(sim, field_name)["load"] = getattr(load, field_name)["load"]
     sim.phase_peak_stages["load"] = load.phase_peak_stages["load"]
@@ -151,7 +152,7 @@ def plan(recipe, *, full_trace: bool = False) -> Plan:
         total, _, allocated = parts[name]
         return allocated if model.kind == "cuda" and allocated is not None else total
 
-    chosen = {ph: max((n for n in parts if n.split("/")[0] == ph), key=size) for ph in PHASES}
+    chosen = {ph: max((n for n in parts if phase_of(n) == ph), key=size) for ph in PHASES}
     phases = {ph: parts[chosen[ph]][0] for ph in PHASES}
     breakdowns = {ph: dict(parts[chosen[ph]][1]) for ph in PHASES}
     overheads: dict[str, int] = {}
