@@ -193,9 +193,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/accuracy.md")
     ap.add_argument("--quick", action="store_true", help="one architecture, one shape (a smoke run)")
     args = ap.parse_args()
-    from fitune.logs import quiet_libraries
+    from fitune.libraries import prepare_libraries
 
-    quiet_libraries()
+    prepare_libraries()
     archs = dict(list(ARCHS.items())[:1]) if args.quick else ARCHS
     grid = list(
         itertools.product(archs.items(), ("full", "lora", "qlora"), (False, True), (128, 256), (1, 4))

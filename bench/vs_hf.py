@@ -251,20 +251,9 @@ def tokens_per_s(cfg: Config, ends: list[float]) -> float:
 def peak_bytes(fn) -> int:
     """Peak of CPU allocator bytes allocated while ``fn`` runs, from torch.profiler's allocation events (the
     stream ``measure_cpu_peak`` builds its memory timeline from; see ``check_peak_measurement``)."""
-    from torch.profiler import ProfilerActivity, profile
+    from fitune.memory.measure_cpu import measure_cpu_allocations
 
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and "CPU" in str(e.device_type())
-    ]
-    live = peak = 0
-    for _, nbytes in sorted(events, key=lambda ev: (ev[0], ev[1] < 0)):  # allocations first at equal times
-        live += nbytes
-        peak = max(peak, live)
+    peak = measure_cpu_allocations(fn).peak_bytes_relative
     gc.collect()
     return peak
 
@@ -384,9 +373,9 @@ def main() -> None:
     ap.add_argument("--only", type=int, nargs="*", help="indices of the configs to run (default: all)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from fitune.logs import quiet_libraries
+    from fitune.libraries import prepare_libraries
 
-    quiet_libraries()
+    prepare_libraries()
     import warnings
 
     warnings.filterwarnings("ignore")

@@ -19,6 +19,8 @@ import math
 import torch
 from torch import nn
 
+from fitune.installed import Installed
+
 NAME = "fitune_blocked_causal"
 BLOCK = 128  # queries per block: scores of one block are B*H*C*T fp32
 
@@ -132,8 +134,9 @@ def blocked_causal_attention(
     return _BlockedCausalAttention.apply(query, key, value, scale, BLOCK), None
 
 
-def install(model: nn.Module) -> bool:
-    """Route ``model``'s SDPA attention through ``blocked_causal_attention``; False if it does not use SDPA."""
+def install(model: nn.Module, installed: Installed | None = None) -> bool:
+    """Route ``model``'s SDPA attention through ``blocked_causal_attention``; False if it does not use SDPA.
+    The change is recorded in ``installed``, to be checked later."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -143,4 +146,13 @@ def install(model: nn.Module) -> bool:
     AttentionInterface.register(NAME, blocked_causal_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)  # the same masks as SDPA: none when causal suffices
     config._attn_implementation = NAME
+    if installed is not None:
+
+        def holds() -> bool:
+            from transformers import AttentionInterface
+
+            registered = AttentionInterface().get(NAME)
+            return config._attn_implementation == NAME and registered is blocked_causal_attention
+
+        installed.add("train.attention", "the blocked causal attention for CPUs", type(model).__name__, holds)
     return True

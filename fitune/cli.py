@@ -61,10 +61,10 @@ def train(
     ),
 ) -> None:
     """Train a recipe and save the adapter (or model), metrics and the resolved recipe."""
-    from fitune.logs import quiet_libraries
+    from fitune.libraries import prepare_libraries
     from fitune.trainer.oom import OutOfMemory
 
-    quiet_libraries()
+    prepare_libraries()
     try:
         r = _load(recipe)
         from fitune.preflight import doctor as run_doctor
@@ -293,10 +293,10 @@ def plan(
     that fits."""
     import time
 
-    from fitune.logs import quiet_libraries
+    from fitune.libraries import prepare_libraries
 
     start = time.perf_counter()
-    quiet_libraries()
+    prepare_libraries()
     try:
         r, from_model = _plan_base(recipe, seq_len)
         searching = search if search is not None else bool(gpu or budget is not None or from_model)
@@ -394,9 +394,9 @@ def measure(
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
     """Run the load and two real steps, and print measured memory beside the plan, per phase."""
-    from fitune.logs import quiet_libraries
+    from fitune.libraries import prepare_libraries
 
-    quiet_libraries()
+    prepare_libraries()
     try:
         r = _load(recipe)
         from fitune.memory.measure import measure as run_measure

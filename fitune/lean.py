@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fitune.installed import Installed, is_bound
+
 IGNORE = -100  # the data pipeline's ignored target (fitune.data.dataset.IGNORE)
 
 
@@ -253,23 +255,36 @@ def _lean_mlp(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(h)  # down_proj's adapter keeps h
 
 
-def install(model: nn.Module, derived: Derived, *, recompute_mlp: bool | str = False) -> list[str]:
+def install(
+    model: nn.Module,
+    derived: Derived,
+    *,
+    recompute_mlp: bool | str = False,
+    installed: Installed | None = None,
+) -> list[str]:
     """Patch the Llama-family norms and gated MLPs of ``model``; returns the patched class names.
 
     ``recompute_mlp`` also recomputes the MLP's up projection (``"up"``) or its gate and up projections
-    (``True``) in backward instead of keeping them: one or two matrix multiplies per layer."""
+    (``True``) in backward instead of keeping them: one or two matrix multiplies per layer. Each patch is
+    recorded in ``installed``, to be checked later."""
     projections = {False: (), "up": ("up",), True: ("gate", "up")}[recompute_mlp]
     patched: set[str] = set()
-    for module in model.modules():
+    for name, module in model.named_modules():
         if _is(module, _LLAMA_NORM_BODY):
-            module.forward = types.MethodType(_lean_rmsnorm, module)
+            forward = _lean_rmsnorm
         elif _is(module, _LLAMA_MLP_BODY):
-            module.forward = types.MethodType(_lean_mlp, module)
+            forward = _lean_mlp
             module._fitune_recompute_projections = projections
         else:
             continue
+        module.forward = types.MethodType(forward, module)
         module._fitune_derived = derived
         patched.add(type(module).__name__)
+        if installed is not None:
+            where = f"{name} ({type(module).__name__})"
+            installed.add(
+                "train.lean_activations", "the lean forward", where, is_bound(module, "forward", forward)
+            )
     return sorted(patched)
 
 

@@ -17,13 +17,15 @@ from torch import nn
 
 from fitune import attention, lean
 from fitune.errors import FituneError, ModelSourceError
-from fitune.logs import quiet_libraries
+from fitune.hub_kernels import FROM_PRETRAINED
+from fitune.installed import Installed
+from fitune.libraries import prepare_libraries
 from fitune.models import sources
 from fitune.offload import ActivationOffload, offload_for
 from fitune.optimizers import build_optimizer
 from fitune.recipe import Recipe
 
-quiet_libraries()
+prepare_libraries()
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,10 +48,16 @@ class Session:
     loss_chunk: int = 0  # tokens per chunk of the chunked cross-entropy; 0 = plain loss
     offload: ActivationOffload | None = None  # saved-tensor hooks of train.offload_activations
     derived: lean.Derived | None = None  # saved-tensor hooks of train.lean_activations
+    installed: Installed = field(default_factory=Installed)  # what the techniques changed on the model
 
     @property
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def set_training(self, mode: bool = True) -> None:
+        """``model.train(mode)``, then a check that every technique is still installed (see installed.py)."""
+        self.model.train(mode)
+        self.installed.verify(f"model.{'train' if mode else 'eval'}()")
 
     def autocast(self):
         if self.compute_dtype is None:
@@ -115,6 +123,7 @@ def build_model(
                 local_files_only=True,
                 use_safetensors=True,
                 trust_remote_code=recipe.model.trust_remote_code,
+                **FROM_PRETRAINED,
             )
         except (ImportError, ValueError) as exc:
             raise FituneError(f"cannot load {source.description} with attention={attn}: {exc}") from None
@@ -312,13 +321,18 @@ def checkpoint_period(recipe: Recipe, num_layers: int) -> int:
     return num_layers
 
 
-def apply_checkpointing(recipe: Recipe, model: nn.Module) -> list[int]:
-    """Recompute the chosen decoder layers in backward (non-reentrant: correct with a frozen base, and no
-    input needs ``requires_grad``). Returns the indices of the checkpointed layers."""
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def apply_checkpointing(recipe: Recipe, model: nn.Module, installed: Installed | None = None) -> list[int]:
+    """Recompute the chosen decoder layers in backward (non-reentrant: correct with a frozen base, and no
+    input needs ``requires_grad``). Returns the indices of the checkpointed layers, recorded in
+    ``installed``."""
     t = recipe.train
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = _decoder_layers(model)
     choice = t.checkpoint_layers
     if isinstance(choice, list) and choice[-1] >= len(layers):
         raise FituneError(
@@ -335,7 +349,18 @@ def apply_checkpointing(recipe: Recipe, model: nn.Module) -> list[int]:
     # transformers also makes the embeddings' output require grad, which only the reentrant variant needs;
     # without it the backward stops at the first layer instead of computing an unused input gradient
     model.disable_input_require_grads()
-    return [i for i, layer in enumerate(layers) if layer.gradient_checkpointing]
+    chosen = [i for i, layer in enumerate(layers) if layer.gradient_checkpointing]
+    if installed is not None:
+        installed.add(
+            "train.gradient_checkpointing",
+            "checkpointing",
+            f"decoder layers {chosen}",
+            lambda: (
+                [i for i, layer in enumerate(_decoder_layers(model)) if layer.gradient_checkpointing]
+                == chosen
+            ),
+        )
+    return chosen
 
 
 AUTO_CHUNK_LOGITS = 1 << 24  # loss_chunk auto: chunks of at most 16M logits (64 MiB in fp32)
@@ -348,7 +373,9 @@ def resolve_loss_chunk(loss_chunk: int | str, vocab_size: int) -> int:
     return int(loss_chunk)
 
 
-def apply_method(recipe: Recipe, model: nn.Module, device: torch.device) -> nn.Module:
+def apply_method(
+    recipe: Recipe, model: nn.Module, device: torch.device, installed: Installed | None = None
+) -> nn.Module:
     method = recipe.method
     if method.kind == "full":
         for p in model.parameters():
@@ -392,9 +419,16 @@ def apply_method(recipe: Recipe, model: nn.Module, device: torch.device) -> nn.M
         # adapter, kept for backward (q, k and v keep three). Autocast alone computes the same product.
         from peft.tuners.lora import LoraLayer
 
-        for module in peft_model.modules():
-            if isinstance(module, LoraLayer):
-                module.cast_input_dtype_enabled = False
+        layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+        for module in layers:
+            module.cast_input_dtype_enabled = False
+        if installed is not None:
+            installed.add(
+                "train.precision",
+                "the disabled input cast",
+                f"{len(layers)} LoRA layers",
+                lambda: not any(getattr(m, "cast_input_dtype_enabled", True) for m in layers),
+            )
     return peft_model
 
 
@@ -439,20 +473,31 @@ def build_session(
     stage = recipe.method.kind == "qlora"  # full-precision weights wait in host memory until quantized
     with host_staging() if (stage and host_staging is not None) else contextlib.nullcontext():
         model = build_model(recipe, source, device, fake=fake, stage_on_host=stage, cpu_target=cpu_target)
+    installed = Installed()
     if recipe.train.gradient_checkpointing:
-        apply_checkpointing(recipe, model)
-    model = apply_method(recipe, model, device)
+        apply_checkpointing(recipe, model, installed)
+    model = apply_method(recipe, model, device, installed)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if cpu_target:
         # torch's fused attention kernels are built for GPUs; on a CPU the blocked one trains faster; a plan for
         # a GPU keeps the SDPA the GPU will run
-        attention.install(causal_lm)
+        attention.install(causal_lm, installed)
     derived = None
     if recipe.train.lean_activations:
         derived = lean.Derived()
-        if not lean.install(causal_lm, derived, recompute_mlp=recipe.train.recompute_mlp):
+        if not lean.install(
+            causal_lm, derived, recompute_mlp=recipe.train.recompute_mlp, installed=installed
+        ):
             derived = None
-    model.train()
+    loss_chunk = resolve_loss_chunk(recipe.train.loss_chunk, causal_lm.config.vocab_size)
+    if loss_chunk:
+        head = causal_lm.get_output_embeddings()
+        installed.add(
+            "train.loss_chunk",
+            f"the output head the chunked loss reads ({type(head).__name__})",
+            type(causal_lm).__name__,
+            lambda: causal_lm.get_output_embeddings() is head,
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(recipe, params, fake=fake)
     steps = total_steps or recipe.train.max_steps or 1
@@ -468,7 +513,7 @@ def build_session(
     scaler = None
     if recipe.train.precision == "fp16" and not fake:
         scaler = torch.amp.GradScaler(device.type)
-    return Session(
+    session = Session(
         recipe=recipe,
         grad_scaler=scaler,
         model=model,
@@ -480,7 +525,10 @@ def build_session(
         tokenizer=tokenizer,
         source=source,
         notes=notes,
-        loss_chunk=resolve_loss_chunk(recipe.train.loss_chunk, causal_lm.config.vocab_size),
+        loss_chunk=loss_chunk,
         offload=offload,
         derived=derived,
+        installed=installed,
     )
+    session.set_training(True)
+    return session

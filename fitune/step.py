@@ -114,10 +114,10 @@ def train_step(session, batches: list[Batch]) -> torch.Tensor:
 def eval_loss(session, batches: list[Batch]) -> torch.Tensor:
     """Mean token loss over ``batches`` without gradients."""
     was_training = session.model.training
-    session.model.eval()
+    session.set_training(False)
     n_targets = count_targets(batches)
     total = torch.zeros((), device=session.device)
     for batch in batches:
         total = total + micro_batch_loss(session, batch, n_targets)
-    session.model.train(was_training)
+    session.set_training(was_training)
     return total

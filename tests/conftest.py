@@ -11,9 +11,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from fitune.logs import quiet_libraries  # noqa: E402
+from fitune.libraries import prepare_libraries  # noqa: E402
 
-quiet_libraries()
+prepare_libraries()
+
+# every test runs under a memory cap and a time limit (tests/limits.py)
+from .limits import pytest_configure, pytest_runtest_protocol, pytest_terminal_summary  # noqa: E402, F401
 
 TINY_LLAMA = {
     "model_type": "llama",

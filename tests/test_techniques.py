@@ -199,7 +199,7 @@ def test_gpu_plans_keep_sdpa_and_cpu_plans_trace_the_blocked_attention(monkeypat
     installed = []
     real = fitune.session.attention.install
     monkeypatch.setattr(
-        fitune.session.attention, "install", lambda m: installed.append(real(m)) or installed[-1]
+        fitune.session.attention, "install", lambda *a: installed.append(real(*a)) or installed[-1]
     )
     fitune.plan(_plan_recipe(device="rtx-4090"))
     assert installed == []  # the GPU runs torch's SDPA, so its plan traces that

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-from fitune.memory.measure_cpu import measure_cpu_peak
+from fitune.memory.measure_cpu import measure_cpu_allocations, measure_cpu_peak, phase
 from fitune.memory.tracker import NO_MODULE, Category, MemoryTracker
 
 TOLERANCE = 0.02  # tracker vs profiler, relative
@@ -100,6 +100,26 @@ def test_tracker_matches_cpu_profiler(kind: str, frozen: bool) -> None:
     relative = tracker.peak_bytes - start
     assert abs(relative - measured.peak_bytes_relative) <= TOLERANCE * measured.peak_bytes_relative
     assert sum(measured.breakdown_at_peak.values()) == measured.peak_bytes
+
+
+@pytest.mark.parametrize("kind", ["mlp", "llama"])
+def test_allocation_events_give_the_profilers_peaks(kind: str) -> None:
+    """The Python-tracer-free reading (what fitune.measure uses, model build included) equals the memory
+    timeline's, overall and per phase."""
+
+    def run():
+        with phase("build"):
+            holder = _setup(kind, frozen=True)
+        for i in (1, 2):
+            with phase(f"step{i}"):
+                holder[2]()
+
+    fast = measure_cpu_allocations(run)
+    full = measure_cpu_peak(run)
+    assert fast.peak_bytes_relative > 0
+    assert fast.peak_bytes_relative == full.peak_bytes_relative
+    assert fast.phase_peaks_relative == full.phase_peaks_relative
+    assert set(fast.phase_peaks_relative) == {"build", "step1", "step2"}
 
 
 @pytest.mark.parametrize("frozen", [False, True], ids=["full", "frozen"])

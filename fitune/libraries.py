@@ -1,4 +1,4 @@
-"""Quiet the chatter of libraries fitune drives (progress bars, hub warnings, optional-kernel notices)."""
+"""Set up the libraries fitune drives: hub kernels off, chatter (progress bars, hub warnings) quiet."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import os
 import warnings
 
 
-def quiet_libraries() -> None:
+def prepare_libraries() -> None:
+    """Call before the first import of peft or bitsandbytes (peft imports bitsandbytes)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -24,3 +25,6 @@ def quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+    from fitune.hub_kernels import import_bitsandbytes
+
+    import_bitsandbytes()
