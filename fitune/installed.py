@@ -16,6 +16,15 @@ from dataclasses import dataclass
 
 from fitune.errors import FituneError
 
+# the recipe setting that runs without each technique
+WITHOUT = {
+    "train.lean_activations": "train.lean_activations: false",
+    "train.attention": "train.attention: eager",
+    "train.gradient_checkpointing": "train.gradient_checkpointing: false",
+    "train.loss_chunk": "train.loss_chunk: 0",
+    "train.precision": "train.precision: fp32",
+}
+
 
 class TechniqueLostError(FituneError):
     """A technique fitune installed on the model is no longer in place (a library replaced it)."""
@@ -61,8 +70,9 @@ class Installed:
         raise TechniqueLostError(
             f"{first.technique}: {first.what} of {first.where}{more} is no longer in place after {after}; "
             f"a library replaced it ({library_versions()}), and the run would no longer execute what its plan "
-            "traced. fix: install the versions fitune was tested with (`make install` installs its lock, "
-            f"requirements.lock), or turn off {', '.join(techniques)} and plan again"
+            "traced. fix: install the library versions fitune was tested with (the ranges `pip install fitune` "
+            "asks for; in a checkout, `make install` installs requirements.lock), or set "
+            f"{' and '.join(WITHOUT.get(t, t) for t in techniques)} and plan again"
         )
 
 

@@ -32,7 +32,8 @@ def test_sleeps():
 
 def test_child_grows():
     import subprocess, sys
-    subprocess.run([sys.executable, "-c", "b = []\\nwhile True: b.append(bytearray(64 << 20))"])
+    grow = "import time\\nb = []\\nwhile True:\\n    b.append(bytearray(64 << 20))\\n    time.sleep(0.05)"
+    subprocess.run([sys.executable, "-c", grow])
 
 
 def test_fine():
