@@ -149,8 +149,6 @@ def install(model: nn.Module, installed: Installed | None = None) -> bool:
     if installed is not None:
 
         def holds() -> bool:
-            from transformers import AttentionInterface
-
             registered = AttentionInterface().get(NAME)
             return config._attn_implementation == NAME and registered is blocked_causal_attention
 

@@ -7,7 +7,7 @@ Two libraries fetch code at run time on their own:
   Hub has no kernel for a layer on the device, it falls back to the class's forward by deleting the
   instance's own: the lean norms fitune installs would vanish from a real run while the plan (built with
   ``from_config``, never kernelized) keeps them, and the plan and the run would no longer run the same code.
-- bitsandbytes (0.49 and later), when imported on a CPU with AVX512-BF16, asks the ``kernels`` package for a
+- bitsandbytes (0.50), when imported on a CPU with AVX512-BF16, asks the ``kernels`` package for a
   4-bit matmul kernel from the Hub, and logs "Failed to load CPU gemm_4bit_forward" when it cannot get one.
 
 ``FROM_PRETRAINED`` goes into every ``from_pretrained`` call fitune makes, and ``import_bitsandbytes`` imports

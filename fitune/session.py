@@ -327,6 +327,10 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+def _checkpointed(model: nn.Module) -> list[int]:
+    return [i for i, layer in enumerate(_decoder_layers(model)) if layer.gradient_checkpointing]
+
+
 def apply_checkpointing(recipe: Recipe, model: nn.Module, installed: Installed | None = None) -> list[int]:
     """Recompute the chosen decoder layers in backward (non-reentrant: correct with a frozen base, and no
     input needs ``requires_grad``). Returns the indices of the checkpointed layers, recorded in
@@ -349,16 +353,13 @@ def apply_checkpointing(recipe: Recipe, model: nn.Module, installed: Installed |
     # transformers also makes the embeddings' output require grad, which only the reentrant variant needs;
     # without it the backward stops at the first layer instead of computing an unused input gradient
     model.disable_input_require_grads()
-    chosen = [i for i, layer in enumerate(layers) if layer.gradient_checkpointing]
+    chosen = _checkpointed(model)
     if installed is not None:
         installed.add(
             "train.gradient_checkpointing",
             "checkpointing",
             f"decoder layers {chosen}",
-            lambda: (
-                [i for i, layer in enumerate(_decoder_layers(model)) if layer.gradient_checkpointing]
-                == chosen
-            ),
+            lambda: _checkpointed(model) == chosen,
         )
     return chosen
 

@@ -11,12 +11,11 @@ Two readings of torch.profiler's record of every allocation and free the CPU all
 Both see the scratch buffers inside kernels that a dispatch-level tracker cannot see, and both give the same
 relative peak (a test holds them equal).
 
-`measure_cpu_peak` reads torch's own memory profiler (`torch.profiler._memory_profiler`), which sees every allocation
-the CPU allocator reports, including scratch buffers inside kernels that a dispatch-level tracker
-cannot see. The profiler's timeline starts with PREEXISTING entries: allocations made before
-profiling that `fn` touched (used as an op input, or freed). Their sizes come from the largest
-extent seen through a view, or from the free event, so storage that `fn` never touches and the
-unseen tail of a storage used only through a narrower view are missing. Hence two numbers:
+`measure_cpu_peak` reads torch's own memory profiler (`torch.profiler._memory_profiler`). Its timeline
+starts with PREEXISTING entries: allocations made before profiling that `fn` touched (used as an op input,
+or freed). Their sizes come from the largest extent seen through a view, or from the free event, so storage
+that `fn` never touches and the unseen tail of a storage used only through a narrower view are missing.
+Hence two numbers:
 
 - `peak_bytes_relative`: max over time of (bytes allocated during fn and still live, minus
   pre-existing bytes freed so far); exact for what the CPU allocator reports.
@@ -69,9 +68,10 @@ def _add(counts: dict[str, int], key: str, n: int) -> None:
 def _named_events(prof):
     for e in prof.profiler.kineto_results.events():
         try:
-            yield e.name(), e
+            name = e.name()
         except UnicodeDecodeError:  # some kernel-side event names are not UTF-8; they are not ours
             continue
+        yield name, e
 
 
 def _phase_ranges(prof) -> list[tuple[str, int, int]]:
