@@ -1,9 +1,20 @@
-"""Planner accuracy on this CPU: predicted whole-run peak vs the peak torch.profiler measures.
+"""Planner accuracy on this CPU: ``fitune.plan``'s peak vs the peak of the whole ``fitune.train`` call.
+
+Each case is a real run: load, three training steps, the eval loss before, at step 2 and after, sample
+answers before and after, a checkpoint at step 2 and the final save, all inside one torch.profiler window
+(``measure_cpu_allocations``: every CPU allocation and free), against the plan of the same recipe. The data
+rows are longer than ``seq_len``, so every micro-batch is full length, as the plan assumes.
 
 Matrix: three architectures (Llama-style with tied embeddings, Qwen2-style with q/k/v bias, Phi-3-style with
-fused projections) x full / LoRA / QLoRA x gradient checkpointing off/on x two sequence lengths x two batch
-sizes, plus a held-out set of architectures, sizes and shapes the matrix never uses. Writes a Markdown
-table (and a JSON file) with predicted, measured and error per case.
+fused projections) x full / LoRA / QLoRA x three settings x two sequence lengths x two micro-batch sizes:
+
+- ``fp32-plain``: fp32 weights and compute, the plain cross-entropy, no checkpointing;
+- ``bf16-fused``: the recommended settings: bf16, the fused chunked loss (``loss_chunk: auto``), lean
+  activations with ``recompute_mlp``;
+- ``bf16-fused-ckpt``: the same with gradient checkpointing.
+
+Plus a held-out set of architectures, sizes and shapes the matrix never uses. Writes a Markdown table (and
+a JSON file) with predicted, measured and error per case, and the phase that set each peak.
 
     python bench/accuracy.py --out bench/results/accuracy.md
 """
@@ -15,6 +26,7 @@ import itertools
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,7 +79,7 @@ HELD_OUT = [
             "tie_word_embeddings": False,
         },
         "lora",
-        True,
+        "bf16-fused-ckpt",
         200,
         3,
     ),
@@ -85,7 +97,7 @@ HELD_OUT = [
             "tie_word_embeddings": True,
         },
         "qlora",
-        False,
+        "bf16-fused",
         160,
         2,
     ),
@@ -102,7 +114,7 @@ HELD_OUT = [
             "tie_word_embeddings": False,
         },
         "full",
-        False,
+        "fp32-plain",
         96,
         3,
     ),
@@ -119,63 +131,109 @@ HELD_OUT = [
             "tie_word_embeddings": True,
         },
         "lora",
-        False,
+        "bf16-fused",
         300,
         1,
     ),
 ]
 
 
-def recipe_for(config: dict, kind: str, ckpt: bool, seq: int, batch: int):
+SETTINGS = {
+    "fp32-plain": {
+        "dtype": "fp32",
+        "precision": "fp32",
+        "loss_chunk": 0,
+        "ckpt": False,
+        "recompute_mlp": False,
+    },
+    "bf16-fused": {
+        "dtype": "bf16",
+        "precision": "bf16",
+        "loss_chunk": "auto",
+        "ckpt": False,
+        "recompute_mlp": True,
+    },
+    "bf16-fused-ckpt": {
+        "dtype": "bf16",
+        "precision": "bf16",
+        "loss_chunk": "auto",
+        "ckpt": True,
+        "recompute_mlp": True,
+    },
+}
+PROMPTS = ["What is the capital of France?", "Write one word."]
+
+
+def _data(folder: Path, seq: int) -> Path:
+    """Text rows longer than ``seq`` tokens with the byte tokenizer (so every batch is full length)."""
+    path = folder / "data.jsonl"
+    with open(path, "w") as f:
+        for i in range(20):
+            f.write(json.dumps({"text": " ".join(f"r{i}w{j}" for j in range(seq // 3))}) + "\n")
+    return path
+
+
+def recipe_for(config: dict, kind: str, setting: str, seq: int, batch: int, folder: Path):
     from fitune.recipe import Recipe
 
+    s = SETTINGS[setting]
     return Recipe.from_dict(
         {
-            "model": {"config": config, "dtype": "bf16"},
+            "model": {"config": config, "dtype": s["dtype"]},
             "method": {"kind": kind, "r": 8},
+            "data": {"path": str(_data(folder, seq)), "eval_fraction": 0.2},
             "train": {
                 "seq_len": seq,
                 "batch_size": batch,
-                "precision": "bf16",
-                "gradient_checkpointing": ckpt,
+                "precision": s["precision"],
+                "loss_chunk": s["loss_chunk"],
+                "gradient_checkpointing": s["ckpt"],
+                "recompute_mlp": s["recompute_mlp"],
+                "max_steps": 3,
+                "eval_every": 2,
             },
+            "samples": {"prompts": PROMPTS, "max_new_tokens": 8},
+            "output": {"dir": str(folder / "run"), "save_every": 2},
             "hardware": {"device": "cpu"},
         }
     )
 
 
-def run_case(name: str, config: dict, kind: str, ckpt: bool, seq: int, batch: int) -> dict:
+def run_case(name: str, config: dict, kind: str, setting: str, seq: int, batch: int) -> dict:
     import fitune
+    from fitune.memory.measure_cpu import measure_cpu_allocations
 
-    r = recipe_for(config, kind, ckpt, seq, batch)
-    t0 = time.perf_counter()
-    p = fitune.plan(r)
-    t1 = time.perf_counter()
-    m = fitune.measure(r)
+    with tempfile.TemporaryDirectory(prefix="fitune-accuracy-") as tmp:
+        r = recipe_for(config, kind, setting, seq, batch, Path(tmp))
+        t0 = time.perf_counter()
+        p = fitune.plan(r)
+        t1 = time.perf_counter()
+        m = measure_cpu_allocations(lambda: fitune.train(r, progress=False, echo=lambda *a: None))
     return {
         "arch": name,
         "method": kind,
-        "checkpointing": ckpt,
+        "setting": setting,
         "seq_len": seq,
         "batch": batch,
         "predicted": p.peak_bytes,
-        "measured": m.peak_bytes,
-        "error": p.peak_bytes / m.peak_bytes - 1,
+        "measured": m.peak_bytes_relative,
+        "error": p.peak_bytes / m.peak_bytes_relative - 1,
+        "predicted_phase": p.peak_phase,
         "predicted_phases": p.phases,
-        "measured_phases": m.phases,
         "plan_seconds": t1 - t0,
     }
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| arch | method | ckpt | seq | batch | predicted (MiB) | measured (MiB) | error |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arch | method | settings | seq | batch | predicted (MiB) | measured (MiB) | error | peak phase (plan) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['arch']} | {r['method']} | {'on' if r['checkpointing'] else 'off'} | {r['seq_len']} | {r['batch']} | "
-            f"{r['predicted'] / 2**20:.2f} | {r['measured'] / 2**20:.2f} | {100 * r['error']:+.2f}% |"
+            f"| {r['arch']} | {r['method']} | {r['setting']} | {r['seq_len']} | {r['batch']} | "
+            f"{r['predicted'] / 2**20:.2f} | {r['measured'] / 2**20:.2f} | {100 * r['error']:+.2f}% | "
+            f"{r['predicted_phase']} |"
         )
     return "\n".join(lines)
 
@@ -197,18 +255,17 @@ def main() -> None:
 
     prepare_libraries()
     archs = dict(list(ARCHS.items())[:1]) if args.quick else ARCHS
-    grid = list(
-        itertools.product(archs.items(), ("full", "lora", "qlora"), (False, True), (128, 256), (1, 4))
-    )
+    grid = list(itertools.product(archs.items(), ("full", "lora", "qlora"), SETTINGS, (128, 256), (1, 4)))
     if args.quick:
         grid = grid[:3]
     rows = []
     start = time.perf_counter()
-    for i, ((name, cfg), kind, ckpt, seq, batch) in enumerate(grid, 1):
-        rows.append(run_case(name, cfg, kind, ckpt, seq, batch))
+    for i, ((name, cfg), kind, setting, seq, batch) in enumerate(grid, 1):
+        rows.append(run_case(name, cfg, kind, setting, seq, batch))
         r = rows[-1]
         print(
-            f"[{i}/{len(grid)}] {name} {kind} ckpt={ckpt} seq={seq} batch={batch}: {100 * r['error']:+.2f}%",
+            f"[{i}/{len(grid)}] {name} {kind} {setting} seq={seq} batch={batch}: {100 * r['error']:+.2f}% "
+            f"(peak in {r['predicted_phase']})",
             file=sys.stderr,
             flush=True,
         )
@@ -217,7 +274,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = [
-        "## Planner accuracy on CPU (whole-run peak, predicted vs measured by torch.profiler)",
+        "## Planner accuracy on CPU (the whole fitune.train call: predicted vs measured by torch.profiler)",
         "",
         f"Command: `python bench/accuracy.py --out {args.out}` ({elapsed:.0f} s on this machine).",
         "",

@@ -134,6 +134,8 @@ def _print_plan(p, recipe) -> None:
     phases.add_column("peak", justify="right")
     for name, b in p.phases.items():
         phases.add_row(name, _gib(b))
+    for name, why in p.absent.items():
+        phases.add_row(name, f"absent: {why}")
     console.print(phases)
     table = Table(title=f"at the peak: {p.peak_op} in {p.peak_module} ({p.peak_stage})")
     table.add_column("category")
@@ -393,7 +395,8 @@ def measure(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
-    """Run the load and two real steps, and print measured memory beside the plan, per phase."""
+    """Run the load, two real steps and the run's other phases (eval, samples, checkpoint, save), and print
+    measured memory beside the plan, per phase."""
     from fitune.libraries import prepare_libraries
 
     prepare_libraries()

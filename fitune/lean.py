@@ -291,6 +291,21 @@ def install(
 # --------------------------------------------------------------------------- fused linear cross-entropy
 
 
+def chunk_loss_sum_(z_CV: torch.Tensor, t_C: torch.Tensor):
+    """Summed cross-entropy of one chunk's fp32 logits ``z_CV`` against ``t_C`` (IGNORE skipped), computed in
+    place: ``z_CV`` is overwritten with exp(z - row max), so the chunk needs no second logits-sized tensor.
+    Returns the sum and what a gradient needs: exp(z - max) (``z_CV``'s storage), its row sums, the valid
+    mask and the gather index."""
+    valid_C = t_C != IGNORE
+    safe_C1 = torch.where(valid_C, t_C, 0).unsqueeze(1)
+    z_t_C = z_CV.gather(1, safe_C1).squeeze(1)
+    max_C1 = z_CV.amax(dim=1, keepdim=True)
+    p_CV = z_CV.sub_(max_C1).exp_()  # in place: the logits are not needed any more
+    sum_C1 = p_CV.sum(dim=1, keepdim=True)
+    lse_C = (max_C1 + sum_C1.log()).squeeze(1)
+    return torch.where(valid_C, lse_C - z_t_C, 0.0).sum(), p_CV, sum_C1, valid_C, safe_C1
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Sum over targets of the cross-entropy of ``hidden @ weight.T`` (fp32 logits), in chunks of C tokens.
 
@@ -316,14 +331,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if cap:
                     th_CV = torch.tanh(z_CV / cap)
                     z_CV = th_CV * cap
-                valid_C = t_C != IGNORE
-                safe_C1 = torch.where(valid_C, t_C, 0).unsqueeze(1)
-                z_t_C = z_CV.gather(1, safe_C1).squeeze(1)
-                max_C1 = z_CV.amax(dim=1, keepdim=True)
-                p_CV = z_CV.sub_(max_C1).exp_()  # in place: the logits are not needed any more
-                sum_C1 = p_CV.sum(dim=1, keepdim=True)
-                lse_C = (max_C1 + sum_C1.log()).squeeze(1)
-                total = total + torch.where(valid_C, lse_C - z_t_C, 0.0).sum()
+                loss, p_CV, sum_C1, valid_C, safe_C1 = chunk_loss_sum_(z_CV, t_C)
+                total = total + loss
                 if not (need_h or need_w):
                     continue
                 p_CV.div_(sum_C1)  # softmax; minus one at the target; nothing for ignored tokens

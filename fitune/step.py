@@ -12,6 +12,7 @@ tensors it does not recompute reach the offload); gradient checkpointing lives i
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fitune.data.batching import Batch
 from fitune.data.dataset import IGNORE
-from fitune.lean import linear_cross_entropy
+from fitune.lean import chunk_loss_sum_, linear_cross_entropy
 
 
 def forward_hidden(session, batch: Batch) -> torch.Tensor:
@@ -37,6 +38,21 @@ def _loss_sum(head, cap: float | None, hidden_ND: torch.Tensor, targets_N: torch
     return F.cross_entropy(logits_NV, targets_N, ignore_index=IGNORE, reduction="sum")
 
 
+def _no_grad_loss_sum(
+    head, cap: float | None, hidden_ND: torch.Tensor, targets_N: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """The loss without gradients (eval): plain chunks, each chunk's fp32 logits worked on in place and freed
+    before the next."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden_ND.device)
+    for hidden_CD, targets_C in zip(hidden_ND.split(chunk), targets_N.split(chunk), strict=True):
+        z_CV = head(hidden_CD).float()
+        if cap:
+            z_CV.div_(cap).tanh_().mul_(cap)
+        total = total + chunk_loss_sum_(z_CV, targets_C)[0]
+        del z_CV
+    return total
+
+
 def token_loss_sum(session, hidden_BTD: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     """Sum over target tokens of the cross-entropy, computed in fp32.
 
@@ -44,7 +60,7 @@ def token_loss_sum(session, hidden_BTD: torch.Tensor, targets_BT: torch.Tensor) 
     one chunk's logits exist at a time instead of all B*T*V of them. A plain linear head takes the fused
     loss (``fitune.lean.linear_cross_entropy``: gradients computed in the forward pass, nothing recomputed);
     any other head (an adapter on it, a bias) runs each chunk under non-reentrant checkpointing, its logits
-    recomputed in backward.
+    recomputed in backward. Without gradients (eval) every head runs plain chunks and keeps nothing.
     """
     lm = session.causal_lm
     head = lm.get_output_embeddings()
@@ -52,8 +68,10 @@ def token_loss_sum(session, hidden_BTD: torch.Tensor, targets_BT: torch.Tensor) 
     hidden_ND = hidden_BTD.reshape(-1, hidden_BTD.shape[-1])
     targets_N = targets_BT.reshape(-1)
     chunk = session.loss_chunk
-    if chunk <= 0 or not torch.is_grad_enabled():
+    if chunk <= 0:
         return _loss_sum(head, cap, hidden_ND, targets_N)
+    if not torch.is_grad_enabled():
+        return _no_grad_loss_sum(head, cap, hidden_ND, targets_N, chunk)
     if type(head) is torch.nn.Linear and head.bias is None:
         return linear_cross_entropy(
             hidden_ND, head.weight, targets_N, chunk=chunk, cap=cap, compute_dtype=session.compute_dtype
@@ -111,13 +129,19 @@ def train_step(session, batches: list[Batch]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def eval_loss(session, batches: list[Batch]) -> torch.Tensor:
-    """Mean token loss over ``batches`` without gradients."""
+def eval_loss(session, batches: Iterable[Batch]) -> torch.Tensor | None:
+    """Mean token loss over ``batches`` without gradients (None when there are none), through the same loss,
+    attention, lean and offload settings as training; like training, each micro-batch moves to the device
+    only for its own pass, so ``batches`` may collate lazily."""
     was_training = session.model.training
     session.set_training(False)
-    n_targets = count_targets(batches)
-    total = torch.zeros((), device=session.device)
+    total = count = None
     for batch in batches:
-        total = total + micro_batch_loss(session, batch, n_targets)
+        batch = batch.to(session.device)
+        loss_sum = micro_batch_loss(session, batch, 1)
+        n = (batch.targets_BT != IGNORE).sum()
+        total = loss_sum if total is None else total + loss_sum
+        count = n if count is None else count + n
+        del batch, loss_sum
     session.set_training(was_training)
-    return total
+    return None if total is None else total / count.clamp(min=1)

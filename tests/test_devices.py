@@ -271,3 +271,33 @@ def test_allocator_invariants(ops: list[tuple[bool, int, int]]) -> None:
     for key in list(live):
         sim.free(key)
     assert sim.allocated_bytes == 0
+
+
+def test_cpu_bf16_bmm_copy_is_modelled_as_measured() -> None:
+    """The CPU kernel scratch the model adds equals what the profiler sees beyond the op's output, for the
+    layouts a linear layer hands to bmm (the generation step's sliced input among them)."""
+    import torch
+    import torch.nn.functional as F
+
+    from fitune.memory.devices import CpuModel
+    from fitune.memory.measure_cpu import measure_cpu_allocations
+    from fitune.memory.tracker import MemoryTracker
+
+    model = CpuModel()
+    weight = torch.randn(3000, 64, dtype=torch.bfloat16)
+    cases = {
+        "sliced input, one sequence": torch.randn(1, 40, 64, dtype=torch.bfloat16)[:, -1:],
+        "sliced input, two sequences": torch.randn(2, 40, 64, dtype=torch.bfloat16)[:, -1:],
+        "contiguous input": torch.randn(2, 40, 64, dtype=torch.bfloat16),
+        "fp32": torch.randn(2, 40, 64)[:, -1:],
+    }
+    for name, x in cases.items():
+        w = weight if x.dtype == torch.bfloat16 else weight.float()
+        measured = measure_cpu_allocations(lambda x=x, w=w: F.linear(x, w)).peak_bytes_relative
+        tracker = MemoryTracker(kernel_scratch=model.kernel_scratch)
+        with tracker:
+            F.linear(x, w)
+        # the kernels also take a few KiB of their own scratch that no model covers
+        assert 0 <= measured - tracker.peak_bytes < 64 * 1024, name
+        copied = tracker.peak_bytes - x.shape[0] * x.shape[1] * 3000 * x.element_size()
+        assert (copied > 0) == (name.startswith("sliced")), name

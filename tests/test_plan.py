@@ -66,7 +66,7 @@ def test_streamed_qlora_load_is_planned_as_measured(tmp_path):
 def test_breakdown_sums_to_peak_and_names_where():
     p = fitune.plan(_recipe("lora"))
     assert sum(p.breakdown.values()) == p.peak_bytes
-    assert set(p.phases) == {"load", "first_step", "steady_step"}
+    assert set(p.phases) == {"load", "first_step", "steady_step", "save"}  # no data, prompts, save_every
     assert p.peak_op.startswith("aten.")
     assert p.peak_module
     assert p.timeline and all("live_bytes" in point for point in p.timeline)
@@ -142,14 +142,17 @@ def test_plan_cli_prints_the_host_memory_of_offloaded_activations(tmp_path):
     assert "host memory: offloaded_activations peak at" in table.output
 
 
-def test_tied_embedding_gradients_are_summed_in_place_as_the_engine_does():
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_tied_embedding_gradients_are_summed_as_the_engine_does(precision):
     """A full fine-tune with tied embeddings: backward adds the head's and the embedding's gradients of the
-    shared weight in place (the engine holds the only reference); the plan must not count a third copy."""
+    shared weight in place when the engine holds the only reference (bf16: the head's gradient is a fresh
+    cast); the plan must not count a third copy. In fp32 the head's gradient is a view of a matmul's output,
+    and the engine adds out of place: the plan must count it."""
     r = Recipe.from_dict(
         {
-            "model": {"config": dict(TINY_LLAMA, vocab_size=8192), "dtype": "bf16"},
+            "model": {"config": dict(TINY_LLAMA, vocab_size=8192), "dtype": precision},
             "method": {"kind": "full"},
-            "train": {"seq_len": 32, "batch_size": 1, "precision": "bf16"},
+            "train": {"seq_len": 32, "batch_size": 1, "precision": precision},
             "hardware": {"device": "cpu"},
         }
     )

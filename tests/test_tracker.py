@@ -264,3 +264,21 @@ def test_bitsandbytes_quant_state_and_fake_matmul_4bit() -> None:
         assert tracker.breakdown_at_peak()[Category.QUANT_STATE] > 0
         peaks.append((tracker.peak_bytes, tracker.peak_op, tracker.breakdown_at_peak()))
     assert peaks[0] == peaks[1]
+
+
+def test_a_phase_that_allocates_nothing_holds_what_it_started_with() -> None:
+    import torch
+
+    def run():
+        with phase("make"):
+            kept = torch.ones(1000)
+        with phase("idle"):
+            total = 0
+            for i in range(10):
+                total += i
+        with phase("free"):
+            del kept
+
+    for reading in (measure_cpu_allocations, measure_cpu_peak):
+        peaks = reading(run).phase_peaks_relative
+        assert peaks == {"make": 4000, "idle": 4000, "free": 4000}, reading.__name__

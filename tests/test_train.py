@@ -292,3 +292,40 @@ def test_streamed_qlora_load_reads_bare_decoder_keys_and_names_a_missing_one(tmp
     save_file(tensors, bare / "model.safetensors")
     with pytest.raises(ModelSourceError, match=r"no tensor model\.layers\.1\.mlp\.down_proj\.weight"):
         build_session(_folder_recipe(bare), with_tokenizer=False)
+
+
+@pytest.mark.parametrize("cap", [None, 30.0])
+@pytest.mark.parametrize("chunk", [5, 7, 64])
+def test_eval_loss_in_chunks_equals_the_plain_loss(chunk, cap):
+    """Without gradients the loss runs in plain chunks (nothing kept); it must give the plain loss."""
+    from fitune.step import _loss_sum, _no_grad_loss_sum
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden, targets = torch.randn(40, 16), torch.randint(0, 50, (40,))
+    targets[::3] = -100
+    with torch.no_grad():
+        plain = _loss_sum(head, cap, hidden, targets)
+        chunked = _no_grad_loss_sum(head, cap, hidden, targets, chunk)
+    assert torch.allclose(plain, chunked, rtol=1e-5), (plain, chunked)
+
+
+def test_eval_loss_is_the_mean_over_target_tokens_of_all_batches():
+    from fitune.step import eval_loss, micro_batch_loss
+
+    r = Recipe.from_dict(
+        {
+            "model": {"config": TINY_LLAMA, "dtype": "fp32"},
+            "method": {"kind": "lora", "r": 4},
+            "train": {"seq_len": 16, "batch_size": 2, "precision": "fp32", "loss_chunk": 7},
+            "hardware": {"device": "cpu"},
+        }
+    )
+    s = build_session(r, with_tokenizer=False)
+    a, b = _learnable_batch(), _learnable_batch()
+    b.targets_BT[:, ::2] = -100
+    n = (a.targets_BT != -100).sum() + (b.targets_BT != -100).sum()
+    with torch.no_grad():
+        expected = (micro_batch_loss(s, a, n) + micro_batch_loss(s, b, n)).item()
+    assert eval_loss(s, iter([a, b])).item() == pytest.approx(expected, rel=1e-5)
+    assert eval_loss(s, iter([])) is None

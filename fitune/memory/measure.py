@@ -1,8 +1,10 @@
-"""``fitune.measure``: run the load and two real training steps and report the memory they took.
+"""``fitune.measure``: run the load, two real training steps and the run's other phases (eval, samples,
+checkpoint, save, each through the code the training loop calls) and report the memory they took.
 
 On CUDA the figures come from torch.cuda's memory statistics; on the CPU from torch.profiler's allocation
 events (``measure_cpu_allocations``: no Python tracer, so the load is measured at its own speed). The steps
-use the same full-length synthetic batches the plan assumes, so the two compare.
+and the eval pass use the same full-length synthetic batches the plan assumes, and the samples the recipe's
+prompts, so the two compare. Phases the recipe's run does not have are left out.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from fitune.memory.simulate import PHASES
 @dataclass
 class Measurement:
     peak_bytes: int
-    phases: dict[str, int]  # load, first_step, steady_step -> peak bytes
+    phases: dict[str, int]  # load, first_step, steady_step, eval, samples, checkpoint, save -> peak bytes
     device: str
     reserved: dict[str, int] = field(default_factory=dict)  # CUDA: max_memory_reserved per phase
     seconds: float = 0.0
@@ -25,22 +27,26 @@ class Measurement:
 
 
 def measure(recipe) -> Measurement:
-    """Build the session for real (weights loaded when the source has them) and take two steps."""
+    """Build the session for real (weights loaded when the source has them), take two steps, then run the
+    recipe's other phases (eval, samples, checkpoint, save) on them, into a temporary folder."""
+    import tempfile
     import time
-
-    import torch
+    from pathlib import Path
 
     from fitune.data.batching import synthetic_batch
     from fitune.session import build_session, resolve_device
     from fitune.step import train_step
+    from fitune.trainer import phases as run_phases
+    from fitune.trainer.checkpoint import save_checkpoint
 
     device = resolve_device(recipe.hardware.device)
     t = recipe.train
     start = time.perf_counter()
     holder: dict = {}
+    folder = Path(tempfile.mkdtemp(prefix="fitune-measure-"))
 
     def load():
-        holder["session"] = build_session(recipe, device=device, with_tokenizer=False)
+        holder["session"] = build_session(recipe, device=device, with_tokenizer=bool(recipe.samples.prompts))
 
     def step():
         session = holder["session"]
@@ -51,11 +57,38 @@ def measure(recipe) -> Measurement:
         train_step(session, group)
         del group
 
+    def evaluate():
+        session = holder["session"]
+        vocab = session.causal_lm.config.vocab_size
+        run_phases.evaluate(session, [synthetic_batch(t.batch_size, t.seq_len, vocab)])
+
     actions = {"load": load, "first_step": step, "steady_step": step}
+    if recipe.data is not None and recipe.data.eval_fraction > 0:
+        actions["eval"] = evaluate
+    if recipe.samples.prompts:
+        actions["samples"] = lambda: run_phases.generate(
+            holder["session"], recipe.samples.prompts, recipe.samples.max_new_tokens
+        )
+    if recipe.output.save_every:
+        actions["checkpoint"] = lambda: save_checkpoint(holder["session"], folder, 1)
+    actions["save"] = lambda: run_phases.save_result(holder["session"], folder)
+    try:
+        return _measure(actions, device, start)
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _measure(actions: dict, device, start: float) -> Measurement:
+    import time
+
+    import torch
+
     if device.type == "cuda":
         phases, reserved = {}, {}
         torch.cuda.reset_peak_memory_stats(device)
-        for name in PHASES:
+        for name in actions:
             torch.cuda.reset_peak_memory_stats(device)
             actions[name]()
             torch.cuda.synchronize(device)
@@ -66,10 +99,10 @@ def measure(recipe) -> Measurement:
     from fitune.memory.measure_cpu import measure_cpu_allocations, phase
 
     def run_all():
-        for name in PHASES:
+        for name in actions:
             with phase(name):
                 actions[name]()
 
     m = measure_cpu_allocations(run_all)
-    phases = {name: m.phase_peaks_relative.get(name, 0) for name in PHASES}
+    phases = {name: m.phase_peaks_relative.get(name, 0) for name in PHASES if name in actions}
     return Measurement(m.peak_bytes_relative, phases, "cpu", {}, time.perf_counter() - start)

@@ -26,6 +26,7 @@ Hence two numbers:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import gc
 from collections.abc import Callable
@@ -104,16 +105,25 @@ def measure_cpu_allocations(fn: Callable[[], Any]) -> CpuAllocations:
     ranges = _phase_ranges(prof)
     # at equal times allocations come before frees, so a transient is never hidden
     events.sort(key=lambda ev: (ev[0], ev[1] < 0))
-    phase_peaks = {name: 0 for name, _, _ in ranges}
     live = peak = 0
+    times, lives = [], []  # after each event
     for t, nbytes in events:
-        before = live
         live += nbytes
         peak = max(peak, live)
-        for name, lo, hi in ranges:
-            if lo <= t <= hi:
-                phase_peaks[name] = max(phase_peaks[name], before, live)
-    return CpuAllocations(peak, live, phase_peaks, result)
+        times.append(t)
+        lives.append(live)
+    return CpuAllocations(peak, live, _phase_peaks(ranges, times, lives), result)
+
+
+def _phase_peaks(ranges: list[tuple[str, int, int]], times: list[int], lives: list[int]) -> dict[str, int]:
+    """The most live bytes inside each range: what was live when it began, and after each event in it (a
+    phase that allocates nothing still holds what it started with)."""
+    peaks: dict[str, int] = {}
+    for name, lo, hi in ranges:
+        first, end = bisect.bisect_left(times, lo), bisect.bisect_right(times, hi)
+        start_live = lives[first - 1] if first > 0 else 0
+        peaks[name] = max([peaks.get(name, 0), start_live, *lives[first:end]])
+    return peaks
 
 
 def measure_cpu_peak(fn: Callable[[], Any], *, warmup: int = 0) -> CpuMeasurement:
@@ -132,12 +142,12 @@ def measure_cpu_peak(fn: Callable[[], Any], *, warmup: int = 0) -> CpuMeasuremen
     timeline = MemoryProfileTimeline(prof._memory_profile())
     cpu = torch.device("cpu")
     ranges = _phase_ranges(prof)
-    phase_peaks: dict[str, int] = {name: 0 for name, _, _ in ranges}
 
     def category(key: Any, version: int) -> str:
         cat = timeline.categories.get(key, version) if isinstance(key, TensorKey) else None
         return UNKNOWN if cat is None else cat.name
 
+    times, lives = [], []  # relative live bytes after each allocation or free
     preexisting = relative = peak_relative = 0
     by_category: dict[str, int] = {}
     peak_breakdown: dict[str, int] | None = None  # taken at the start, then at each new peak
@@ -158,11 +168,9 @@ def measure_cpu_peak(fn: Callable[[], Any], *, warmup: int = 0) -> CpuMeasuremen
             continue
         delta = -nbytes if action == Action.DESTROY else nbytes
         _add(by_category, category(key, version), delta)
-        before = relative
         relative += delta
-        for name, lo, hi in ranges:
-            if lo <= _t <= hi:
-                phase_peaks[name] = max(phase_peaks[name], before, relative)
+        times.append(_t)
+        lives.append(relative)
         if relative > peak_relative:
             peak_relative = relative
             peak_breakdown = dict(by_category)
@@ -175,5 +183,5 @@ def measure_cpu_peak(fn: Callable[[], Any], *, warmup: int = 0) -> CpuMeasuremen
         end_bytes_relative=relative,
         breakdown_at_peak={k: v for k, v in peak_breakdown.items() if v},
         result=result,
-        phase_peaks_relative=phase_peaks,
+        phase_peaks_relative=_phase_peaks(ranges, times, lives),
     )

@@ -15,7 +15,8 @@ import torch
 
 from fitune.errors import FituneError, PlanError
 
-PHASES = ("load", "first_step", "steady_step")
+PHASES = ("load", "first_step", "steady_step", "eval", "samples", "checkpoint", "save")
+STEP_PHASES = ("first_step", "steady_step")
 
 
 @dataclass
@@ -43,6 +44,10 @@ class Simulation:
     # host memory the run keeps off the device (offloaded activations): phase -> name -> peak bytes
     phase_host_peaks: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: float = 0.0
+    # phases the recipe's run does not have (no eval split, no prompts, no save_every): phase -> why
+    absent: dict[str, str] = field(default_factory=dict)
+    # how the samples phase was sized (tokenized prompts, or a stated bound)
+    notes: list[str] = field(default_factory=list)
     # the peaks of each phase's parts (fitune.memory.tracker: the pass, "phase/optimizer", "phase/end"):
     # part -> bytes, breakdown, op, module, stage, and the allocator model's allocated / reserved peaks
     parts: dict[str, dict] = field(default_factory=dict)
@@ -116,6 +121,7 @@ def simulate(
     allocator=None,
     host_is_device: bool = True,
     steps: bool = True,
+    kernel_scratch=None,
 ) -> Simulation:
     """Run load + two training steps of ``recipe`` on fake tensors; ``num_layers`` overrides the depth.
 
@@ -137,7 +143,11 @@ def simulate(
     src.config = with_layers(source.config, depth)
     src.weights_dir = None
     t = recipe.train
-    tracker = MemoryTracker(round_bytes=round_bytes or (lambda n: n), allocator=allocator)
+    tracker = MemoryTracker(
+        round_bytes=round_bytes or (lambda n: n), allocator=allocator, kernel_scratch=kernel_scratch
+    )
+    absent: dict[str, str] = {}
+    notes: list[str] = []
     alloc_peaks: dict[str, tuple[int, int]] = {}
     start = time.perf_counter()
     try:
@@ -158,7 +168,7 @@ def simulate(
                 )
             tracker.register_model(session.model)
             tracker.register_optimizer(session.optimizer)
-            for phase in PHASES[1:] if steps else ():  # steps=False: the load alone
+            for phase in STEP_PHASES if steps else ():  # steps=False: the load alone
                 with tracker.phase(phase), _allocator_phase(allocator, phase, alloc_peaks):
                     group = [
                         synthetic_batch(t.batch_size, t.seq_len, src.config.vocab_size)
@@ -166,6 +176,9 @@ def simulate(
                     ]
                     train_step(session, group)
                     del group
+            for phase, run in _other_phases(recipe, session, src, absent, notes).items() if steps else ():
+                with tracker.phase(phase), _allocator_phase(allocator, phase, alloc_peaks):
+                    run()
     except FituneError:  # a user error the session builder names with its fix (PlanError included)
         raise
     except Exception as exc:  # noqa: BLE001 - any failure inside the fake run must name where it happened
@@ -182,14 +195,15 @@ def simulate(
     if waiting:
         per_batch = 2 * (round_bytes or (lambda n: n))(t.batch_size * t.seq_len * 8)  # ids + targets, int64
         for part, info in parts.items():
-            if phase_of(part) in PHASES[1:]:
+            if phase_of(part) in STEP_PHASES:
                 info.bytes += waiting * per_batch
                 info.breakdown = dict(info.breakdown)
                 key = next(c for c in info.breakdown if getattr(c, "value", c) == "temporaries")
                 info.breakdown[key] += waiting * per_batch
+    traced = [name for name in PHASES if any(phase_of(part) == name for part in parts)]
     infos = {
         name: largest((info for part, info in parts.items() if phase_of(part) == name), PeakInfo(phase=name))
-        for name in PHASES
+        for name in traced
     }
     part_alloc = tracker.part_allocator_peaks()
     timeline = [
@@ -207,22 +221,24 @@ def simulate(
     ]
     return Simulation(
         num_layers=depth,
-        phase_peaks={name: int(infos[name].bytes) for name in PHASES},
+        phase_peaks={name: int(infos[name].bytes) for name in traced},
         peak_bytes=max(int(info.bytes) for info in infos.values()),
         peak_phase=tracker.peak_phase,
         peak_op=tracker.peak_op,
         peak_module=tracker.peak_module,
         peak_stage=tracker.peak_stage,
         breakdown=_by_name(tracker.breakdown_at_peak()),
-        phase_breakdowns={name: _by_name(infos[name].breakdown) for name in PHASES},
-        phase_peak_ops={name: infos[name].op for name in PHASES},
-        phase_peak_modules={name: infos[name].module for name in PHASES},
-        phase_peak_stages={name: infos[name].stage for name in PHASES},
+        phase_breakdowns={name: _by_name(infos[name].breakdown) for name in traced},
+        phase_peak_ops={name: infos[name].op for name in traced},
+        phase_peak_modules={name: infos[name].module for name in traced},
+        phase_peak_stages={name: infos[name].stage for name in traced},
         phase_allocated={name: a for name, (a, _) in alloc_peaks.items()},
         phase_reserved={name: r for name, (_, r) in alloc_peaks.items()},
         timeline=timeline,
         phase_host_peaks=tracker.host_phase_peaks(),
         seconds=time.perf_counter() - start,
+        absent=absent,
+        notes=notes,
         parts={
             part: {
                 "bytes": int(info.bytes),
@@ -237,6 +253,64 @@ def simulate(
             if phase_of(part) in PHASES
         },
     )
+
+
+def _other_phases(recipe, session, source, absent: dict, notes: list) -> dict:
+    """The phases after the steps that this recipe's run has, each a call into the code the training loop
+    runs (``fitune.step.eval_loss``, ``fitune.trainer.phases``, ``fitune.trainer.checkpoint``) up to where it
+    would read values; the others are named in ``absent``. They are traced after the steps, when the
+    optimizer state exists, so each bounds the same phase earlier in the run (eval and samples before the
+    first step) too."""
+    from fitune.data.batching import synthetic_batch
+    from fitune.step import eval_loss
+    from fitune.trainer import phases
+    from fitune.trainer.checkpoint import checkpoint_state
+
+    t = recipe.train
+    runs = {}
+    if recipe.data is not None and recipe.data.eval_fraction > 0:
+        # the longest eval micro-batch: train.batch_size examples of seq_len tokens
+        runs["eval"] = lambda: eval_loss(
+            session, [synthetic_batch(t.batch_size, t.seq_len, source.config.vocab_size)]
+        )
+    else:
+        absent["eval"] = "no eval split (data.eval_fraction: 0, or no data section)"
+    prompts = recipe.samples.prompts
+    if prompts:
+        longest, how = _longest_prompt(source, tuple(prompts))
+        notes.append(
+            f"samples: longest prompt {longest} tokens ({how}) + {recipe.samples.max_new_tokens} new tokens, "
+            "KV cache included"
+        )
+        runs["samples"] = lambda: phases.generation_bound(session, longest, recipe.samples.max_new_tokens)
+    else:
+        absent["samples"] = "no sample prompts (samples.prompts is empty)"
+    if recipe.output.save_every:
+        runs["checkpoint"] = lambda: checkpoint_state(session)
+    else:
+        absent["checkpoint"] = "no checkpoints during the run (output.save_every is not set)"
+    runs["save"] = lambda: phases.saved_state(session)
+    return runs
+
+
+_PROMPT_LENGTHS: dict[tuple, tuple[int, str]] = {}  # (tokenizer source, prompts) -> longest, how found
+
+
+def _longest_prompt(source, prompts: tuple[str, ...]) -> tuple[int, str]:
+    """The longest prompt in tokens with the run's tokenizer when its files are at hand, else a bound; kept
+    for the process, as every traced depth of one plan asks the same."""
+    from fitune.models.tokenizers import load_tokenizer
+    from fitune.trainer.phases import prompt_lengths
+
+    key = (source.tokenizer_source, prompts)
+    if key not in _PROMPT_LENGTHS:
+        try:
+            tok = load_tokenizer(source, source.config)
+        except FituneError:  # no tokenizer at hand is not an error for the plan: the bound is used
+            tok = None
+        lengths, how = prompt_lengths(list(prompts), tok)
+        _PROMPT_LENGTHS[key] = max(lengths), how
+    return _PROMPT_LENGTHS[key]
 
 
 def _by_name(by_category: dict) -> dict[str, int]:

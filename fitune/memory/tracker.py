@@ -175,9 +175,13 @@ class MemoryTracker(TorchDispatchMode):
         *,
         max_timeline_points: int = 4096,
         allocator: Any = None,
+        kernel_scratch: Callable[[Any, tuple], int] | None = None,
     ) -> None:
         super().__init__()
         self.round_bytes = round_bytes
+        # optional model of the bytes a kernel allocates and frees inside one op (func, args) -> bytes, which
+        # no dispatcher-level trace sees (``DeviceModel.kernel_scratch``): counted live for that op alone
+        self.kernel_scratch = kernel_scratch
         # optional allocator model told of every allocation (malloc(key, nbytes)) and release (free(key)),
         # e.g. to model the segments a caching allocator reserves
         self.allocator = allocator
@@ -421,7 +425,22 @@ class MemoryTracker(TorchDispatchMode):
             produced and not self._off_device
         ):  # metadata queries (prim.device under FakeTensorMode, sym_size...) are no events
             self._note(str(func))
+            scratch = self.kernel_scratch(func, args) if self.kernel_scratch is not None else 0
+            if scratch:
+                self._transient(scratch, f"{func} (kernel scratch)")
         return out
+
+    def _transient(self, nbytes: int, op: str) -> None:
+        """An allocation live for one event only: a kernel's scratch buffer, beside the op's output."""
+        nb = self.round_bytes(nbytes)
+        key = object()
+        self._move(Category.TEMPORARIES, nb)
+        if self.allocator is not None:
+            self.allocator.malloc(id(key), nb)
+        self._note(op)
+        self._move(Category.TEMPORARIES, -nb)
+        if self.allocator is not None:
+            self.allocator.free(id(key))
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -433,6 +452,11 @@ class MemoryTracker(TorchDispatchMode):
             return False
         if torch._C._current_graph_task_id() == -1 or self._module_stack or self._in_optimizer is not None:
             return False  # only between backward nodes
+        if a._base is not None:
+            # the first gradient is a view (fp32 linear backward hands the weight's gradient over as the
+            # transpose of a matmul's output): the view keeps its base alive, the engine sees the storage
+            # shared, and adds out of place
+            return False
         return a.shape == b.shape and a.dtype == b.dtype and (tuple(a.shape), a.dtype) in self._shared_grads
 
     def _on_output(self, t: torch.Tensor, aliased: bool) -> None:

@@ -24,7 +24,7 @@ class Plan:
     """Predicted memory of a run. Bytes are what the target's allocator reports (see ``device``)."""
 
     peak_bytes: int
-    phases: dict[str, int]  # load, first_step, steady_step -> peak bytes
+    phases: dict[str, int]  # load, first_step, steady_step, eval, samples, checkpoint, save -> peak bytes
     breakdown: dict[str, int]  # category -> bytes at the peak
     peak_op: str
     peak_module: str
@@ -41,6 +41,10 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     # host memory the run keeps off the device, not part of peak_bytes: offloaded_activations -> peak bytes
     host: dict[str, int] = field(default_factory=dict)
+    # phases this run does not have, and why (no eval split, no prompts, no save_every)
+    absent: dict[str, str] = field(default_factory=dict)
+    # phase -> category -> bytes at that phase's own peak (the OOM guard compares a failed phase with it)
+    phase_breakdowns: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,6 +95,7 @@ def traced_runs(
             allocator=device_model.new_allocator(),
             host_is_device=on_host,
             steps=steps,
+            kernel_scratch=device_model.kernel_scratch,
         )
 
     if warm_up:
@@ -152,34 +157,35 @@ def plan(recipe, *, full_trace: bool = False) -> Plan:
         total, _, allocated = parts[name]
         return allocated if model.kind == "cuda" and allocated is not None else total
 
-    chosen = {ph: max((n for n in parts if phase_of(n) == ph), key=size) for ph in PHASES}
-    phases = {ph: parts[chosen[ph]][0] for ph in PHASES}
-    breakdowns = {ph: dict(parts[chosen[ph]][1]) for ph in PHASES}
+    present = [ph for ph in PHASES if any(phase_of(n) == ph for n in parts)]
+    chosen = {ph: max((n for n in parts if phase_of(n) == ph), key=size) for ph in present}
+    phases = {ph: parts[chosen[ph]][0] for ph in present}
+    breakdowns = {ph: dict(parts[chosen[ph]][1]) for ph in present}
     overheads: dict[str, int] = {}
     cuda: dict[str, int] = {}
     if model.kind == "cuda":
         from fitune.memory.devices import cuda_totals
 
         # whole cached blocks beyond the 512-byte rounded tensors (never below the tensors themselves)
-        allocated = {ph: max(parts[chosen[ph]][2] or 0, phases[ph]) for ph in PHASES}
-        for ph in PHASES:
+        allocated = {ph: max(parts[chosen[ph]][2] or 0, phases[ph]) for ph in present}
+        for ph in present:
             breakdowns[ph]["allocator_blocks"] = allocated[ph] - phases[ph]
         extra = {o.name: o.bytes for o in model.overheads() if o.counted_in == "allocated"}
-        for ph in PHASES:
+        for ph in present:
             breakdowns[ph].update(extra)
-        phases = {ph: allocated[ph] + sum(extra.values()) for ph in PHASES}
-        peak_ph = max(PHASES, key=lambda ph: phases[ph])
+        phases = {ph: allocated[ph] + sum(extra.values()) for ph in present}
+        peak_ph = max(present, key=lambda ph: phases[ph])
         # segments held beyond the allocated blocks do not grow layer by layer the way blocks do; keep the
         # deeper trace's cached-but-free bytes at its peak phase as the estimate for the full depth
         slack = max(0, b.phase_reserved.get(peak_ph, 0) - b.phase_allocated.get(peak_ph, 0))
         cuda = cuda_totals(allocated[peak_ph], allocated[peak_ph] + slack, model)
         overheads = {o.name: o.bytes for o in model.overheads()}
-    peak_phase = max(PHASES, key=lambda ph: phases[ph])
+    peak_phase = max(present, key=lambda ph: phases[ph])
     host_names = {c for s in sims for peaks in s.phase_host_peaks.values() for c in peaks}
     host = {
         c: max(
             _affine(a.phase_host_peaks.get(ph, {}).get(c, 0), b.phase_host_peaks.get(ph, {}).get(c, 0), k)
-            for ph in PHASES
+            for ph in present
         )
         for c in sorted(host_names)
     }
@@ -200,6 +206,9 @@ def plan(recipe, *, full_trace: bool = False) -> Plan:
         cuda=cuda,
         seconds=time.perf_counter() - start,
         host=host,
+        notes=list(b.notes),
+        absent=dict(b.absent),
+        phase_breakdowns={ph: {c: v for c, v in sorted(bd.items()) if v} for ph, bd in breakdowns.items()},
     )
 
 

@@ -18,18 +18,22 @@ import torch
 CHECKPOINT = "checkpoint"
 
 
+def checkpoint_state(session) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """What a checkpoint writes, gathered: host copies of the trainable weights, the optimizer's and the
+    scheduler's state dicts. The planner traces this (the file writing itself reads values)."""
+    weights = {n: p.detach().contiguous().cpu() for n, p in session.trainable_parameters}
+    return weights, session.optimizer.state_dict(), session.scheduler.state_dict()
+
+
 def save_checkpoint(session, out: Path, step: int) -> Path:
     from safetensors.torch import save_file
 
     target = out / CHECKPOINT
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".checkpoint-"))
     try:
-        weights = {n: p.detach().contiguous().cpu() for n, p in session.trainable_parameters}
+        weights, optimizer, scheduler = checkpoint_state(session)
         save_file(weights, str(tmp / "trainable.safetensors"))
-        torch.save(
-            {"optimizer": session.optimizer.state_dict(), "scheduler": session.scheduler.state_dict()},
-            tmp / "optimizer.pt",
-        )
+        torch.save({"optimizer": optimizer, "scheduler": scheduler}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step}))
         old = out / ".checkpoint-old"
         if target.exists():

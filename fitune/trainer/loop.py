@@ -15,14 +15,15 @@ from pathlib import Path
 import torch
 
 from fitune import __version__
-from fitune.data.batching import MicroBatches, batches_per_epoch, collate
+from fitune.data.batching import MicroBatches, batches_per_epoch
 from fitune.data.dataset import TokenizedData, load_dataset
 from fitune.errors import FituneError, RunFolderError
 from fitune.recipe import Recipe
 from fitune.session import Session, build_session
-from fitune.step import eval_loss, train_step
+from fitune.step import train_step
 from fitune.trainer.checkpoint import load_checkpoint, save_checkpoint
-from fitune.trainer.oom import device_budget, explain, is_out_of_memory
+from fitune.trainer.oom import is_out_of_memory
+from fitune.trainer.phases import eval_batches, evaluate, generate, oom_guard, save_result
 
 RUN_MARKER = "fitune-run.json"
 
@@ -88,60 +89,9 @@ def total_steps(recipe: Recipe, n_train: int) -> int:
     return max(1, math.ceil(per_epoch * (t.epochs or 1.0)))
 
 
-@torch.no_grad()
-def generate(session: Session, prompts: list[str], max_new_tokens: int) -> list[str]:
-    tok = session.tokenizer
-    model = session.model
-    was_training = model.training
-    session.set_training(False)
-    answers = []
-    for prompt in prompts:
-        if getattr(tok, "chat_template", None):
-            enc = tok.apply_chat_template(
-                [{"role": "user", "content": prompt}],
-                add_generation_prompt=True,
-                return_tensors="pt",
-                return_dict=True,
-            )
-        else:
-            enc = tok(prompt, return_tensors="pt")
-        ids = enc["input_ids"].to(session.device)
-        with session.autocast():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-            )
-        answers.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
-    session.set_training(was_training)
-    return answers
-
-
-def _eval(session: Session, data: TokenizedData, pad_id: int) -> float | None:
-    if not data.eval:
-        return None
-    bs = session.recipe.train.batch_size
-    batches = [
-        collate(data.eval[i : i + bs], pad_id).to(session.device) for i in range(0, len(data.eval), bs)
-    ]
-    return float(eval_loss(session, batches))
-
-
-def _save(session: Session, out: Path) -> Path:
-    recipe = session.recipe
-    if recipe.method.kind == "full":
-        target = out / "model"
-        session.causal_lm.save_pretrained(str(target), safe_serialization=True)
-    else:
-        target = out / "adapter"
-        session.model.save_pretrained(str(target), safe_serialization=True)
-    if session.tokenizer is not None:
-        session.tokenizer.save_pretrained(str(target))
-    return target
+def _eval(session: Session, data: TokenizedData, pad_id: int, step: int) -> float | None:
+    """Eval loss over the eval split in micro-batches of ``train.batch_size``; None without an eval split."""
+    return evaluate(session, eval_batches(data.eval, session.recipe.train.batch_size, pad_id), step)
 
 
 def train(
@@ -194,7 +144,7 @@ def train(
     samples_before = generate(session, prompts, recipe.samples.max_new_tokens) if prompts else []
 
     eval_losses: dict[int, float] = {}
-    first = _eval(session, data, pad_id)
+    first = _eval(session, data, pad_id, 0)
     if first is not None:
         eval_losses[0] = first
         echo(f"  eval loss before training: {first:.4f}")
@@ -217,14 +167,8 @@ def train(
             group = [next(it) for _ in range(recipe.train.grad_accum)]
             n_tok = sum(b.num_tokens for b in group)
             t0 = time.perf_counter()
-            try:
+            with oom_guard(session, "first_step" if step == first_step else "steady_step", step):
                 loss = float(train_step(session, group))
-            except RuntimeError as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                phase = "first_step" if step == first_step else "steady_step"
-                session.optimizer.zero_grad(set_to_none=True)
-                raise explain(session, exc, phase, step, device_budget(session.device)) from exc
             dt = time.perf_counter() - t0
             if not math.isfinite(loss):
                 raise FituneError(
@@ -243,14 +187,15 @@ def train(
                 "memory_bytes": memory_in_use(session.device),
             }
             if recipe.train.eval_every and step % recipe.train.eval_every == 0 and step != steps:
-                ev = _eval(session, data, pad_id)
+                ev = _eval(session, data, pad_id, step)
                 if ev is not None:
                     eval_losses[step] = row["eval_loss"] = ev
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             every = recipe.output.save_every
             if every and step % every == 0 and step != steps:
-                save_checkpoint(session, out, step)
+                with oom_guard(session, "checkpoint", step):
+                    save_checkpoint(session, out, step)
             if bar:
                 bar.update(
                     task,
@@ -265,12 +210,12 @@ def train(
             bar.stop()
         metrics.close()
 
-    last = _eval(session, data, pad_id)
+    last = _eval(session, data, pad_id, steps)
     if last is not None:
         eval_losses[steps] = last
         echo(f"  eval loss after training: {last:.4f}")
     samples_after = generate(session, prompts, recipe.samples.max_new_tokens) if prompts else []
-    saved = _save(session, out)
+    saved = save_result(session, out)
     result = TrainResult(
         losses=losses,
         eval_losses=eval_losses,

@@ -1,8 +1,9 @@
 """The out-of-memory guard: explain an OOM against the plan and name a configuration that fits.
 
-When a step runs out of memory, fitune compares what the session holds (weights, gradients, optimizer
-state, measured from the live objects) with the plan's breakdown for the same phase, names the category that
-outgrew its planned size, and plans a short ladder of cheaper configurations to suggest the first that fits.
+When any phase of a run (a step, eval, samples, checkpoint, save) runs out of memory, fitune compares what
+the session holds (weights, gradients, optimizer state, measured from the live objects) with the plan's
+breakdown at the peak of the same phase, names the category that outgrew its planned size, and plans a short
+ladder of cheaper configurations to suggest the first that fits.
 """
 
 from __future__ import annotations
@@ -118,8 +119,15 @@ def explain(session, exc: BaseException, phase: str, step: int, budget_bytes: in
     report = OomReport(phase, step, measured, planned, outgrown="unknown")
     try:
         planned_run = make_plan(recipe)
-        planned.update(planned_run.breakdown if planned_run.peak_phase == phase else {})
-        if not planned:
+        planned.update(planned_run.phase_breakdowns.get(phase) or {})
+        if phase in planned_run.phases:
+            report.notes.append(
+                f"planned peak of {phase}: {_size(planned_run.phases[phase])}; of the whole run: "
+                f"{_size(planned_run.peak_bytes)} ({planned_run.peak_phase})"
+            )
+        else:
+            why = planned_run.absent.get(phase, "the plan has no such phase")
+            report.notes.append(f"the plan has no {phase} phase ({why}); compared with its peak instead")
             planned.update(planned_run.breakdown)
         excess = {c: measured[c] - planned.get(c, 0) for c in measured if c in planned}
         if excess:

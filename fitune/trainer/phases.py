@@ -1,0 +1,142 @@
+"""What a run does on the device besides its steps: eval, samples, checkpoint, final save.
+
+The training loop calls these, and the planner (``fitune.memory.simulate``) traces the same code on fake
+tensors, so every phase of a run has a planned peak. Each call names its phase to the out-of-memory guard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from fitune.data.batching import Batch, collate
+from fitune.data.dataset import Example
+from fitune.step import eval_loss
+
+# a prompt's tokens beyond its UTF-8 bytes when no tokenizer is at hand: room for a chat template's wrapping
+TEMPLATE_TOKENS_BOUND = 64
+
+
+@contextlib.contextmanager
+def oom_guard(session, phase: str, step: int = 0):
+    """Turn an out-of-memory error inside ``phase`` into the guard's explanation against the plan."""
+    from fitune.trainer.oom import device_budget, explain, is_out_of_memory
+
+    try:
+        yield
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        if session.optimizer is not None:
+            session.optimizer.zero_grad(set_to_none=True)
+        raise explain(session, exc, phase, step, device_budget(session.device)) from exc
+
+
+def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> Iterator[Batch]:
+    """The eval split in micro-batches of ``batch_size``, each collated only when its pass comes."""
+    for i in range(0, len(examples), batch_size):
+        yield collate(examples[i : i + batch_size], pad_id)
+
+
+def evaluate(session, batches, step: int = 0) -> float | None:
+    """The eval pass: mean token loss over ``batches`` (host batches, each moved for its own pass); None when
+    there are none."""
+    with oom_guard(session, "eval", step):
+        loss = eval_loss(session, batches)
+    return None if loss is None else float(loss)
+
+
+def prompt_ids(tok, prompt: str) -> torch.Tensor:
+    """The token ids (1, P) ``generate`` feeds for ``prompt``: the chat template when the tokenizer has one."""
+    if getattr(tok, "chat_template", None):
+        enc = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+    else:
+        enc = tok(prompt, return_tensors="pt")
+    return enc["input_ids"]
+
+
+def prompt_lengths(prompts: list[str], tok=None) -> tuple[list[int], str]:
+    """Token counts of ``prompts`` and how they were found: tokenized, or bounded by UTF-8 bytes + template."""
+    if tok is not None:
+        return [int(prompt_ids(tok, p).shape[1]) for p in prompts], "tokenized"
+    bound = [len(p.encode("utf-8")) + TEMPLATE_TOKENS_BOUND for p in prompts]
+    return bound, f"bounded by UTF-8 bytes + {TEMPLATE_TOKENS_BOUND} template tokens (no tokenizer at hand)"
+
+
+@torch.no_grad()
+def generate(session, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers to ``prompts`` (KV cache on), one prompt at a time."""
+    tok = session.tokenizer
+    was_training = session.model.training
+    session.set_training(False)
+    answers = []
+    with oom_guard(session, "samples"):
+        for prompt in prompts:
+            ids = prompt_ids(tok, prompt).to(session.device)
+            with session.autocast():
+                out = session.model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    use_cache=True,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
+            answers.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    session.set_training(was_training)
+    return answers
+
+
+@torch.no_grad()
+def generation_bound(session, prompt_len: int, max_new_tokens: int) -> None:
+    """What the planner traces for ``generate`` (fake tensors cannot run its value-reading loop): one pass
+    filling the KV cache to the last position greedy decoding reaches (prompt + new tokens - 1), keeping the
+    last position's logits, then one decoding step on that cache. The cache and the last step are what
+    decoding holds at its end; the long first pass bounds the real prompt pass from above."""
+    lm = session.causal_lm
+    was_training = session.model.training
+    session.set_training(False)
+    length = prompt_len + max_new_tokens - 1
+    ids_1L = torch.zeros((1, length), dtype=torch.long, device=session.device)
+    with session.autocast():
+        out = lm(input_ids=ids_1L, attention_mask=torch.ones_like(ids_1L), use_cache=True, logits_to_keep=1)
+        next_11 = out.logits[:, -1:].float().argmax(-1)
+        mask_1L = torch.ones((1, length + 1), dtype=torch.long, device=session.device)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        step = lm(input_ids=next_11, attention_mask=mask_1L, cache=cache, use_cache=True, logits_to_keep=1)
+        del out, step
+    session.set_training(was_training)
+
+
+def saved_state(session) -> dict[str, torch.Tensor]:
+    """The tensors the final save writes, gathered as ``save_pretrained`` gathers them: the model's state dict
+    for a full fine-tune, the adapter's weights (the trainable parameters peft's adapter state dict holds)
+    otherwise. The planner traces this; the file writing reads values. Not traced: the few hundred bytes per
+    quantized layer bitsandbytes packs its quantization state into when peft walks the whole state dict."""
+    if session.recipe.method.kind == "full":
+        return {k: v.contiguous() for k, v in session.causal_lm.state_dict().items()}
+    return {n: p.detach().contiguous() for n, p in session.trainable_parameters}
+
+
+def save_result(session, out: Path) -> Path:
+    """The final save: the adapter (peft ``save_pretrained``) or, for a full fine-tune, the whole model."""
+    recipe = session.recipe
+    with oom_guard(session, "save"):
+        if recipe.method.kind == "full":
+            target = out / "model"
+            session.causal_lm.save_pretrained(str(target), safe_serialization=True)
+        else:
+            target = out / "adapter"
+            session.model.save_pretrained(str(target), safe_serialization=True)
+    if session.tokenizer is not None:
+        session.tokenizer.save_pretrained(str(target))
+    return target
