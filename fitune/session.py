@@ -384,13 +384,17 @@ def apply_method(
         return model
     from peft import LoraConfig, get_peft_model
 
+    from fitune.memory.tracker import part
     from fitune.models.quantize import quantize_nf4
 
     for p in model.parameters():
         p.requires_grad_(False)
     if method.kind == "qlora":
-        # the model was staged in host memory: each layer is quantized onto the device, then the rest moves
-        quantize_nf4(model, compute_dtype(recipe) or torch.float32, device)
+        # the model was staged in host memory: each layer is quantized onto the device, then the rest moves.
+        # Its peak, on top of the layers quantized before, grows with depth at its own rate: a part of its own
+        # in a plan's trace, so that each part of the load extrapolates from two depths
+        with part("quantize"):
+            quantize_nf4(model, compute_dtype(recipe) or torch.float32, device)
         if device.type != "cpu":
             model = model.to(device)
     targets = method.targets if isinstance(method.targets, list) else "all-linear"

@@ -159,3 +159,43 @@ def test_tied_embedding_gradients_are_summed_as_the_engine_does(precision):
     predicted, measured = fitune.plan(r), fitune.measure(r)
     embedding_grad = 8192 * TINY_LLAMA["hidden_size"] * 4
     assert abs(predicted.phases["steady_step"] - measured.phases["steady_step"]) < 0.1 * embedding_grad
+
+
+# the forked child shares the test process's pages; resident memory counts them twice
+@pytest.mark.limits(mem_gib=8)
+def test_a_plan_traced_in_two_processes_equals_one_traced_in_one(monkeypatch):
+    from fitune.planner.plan import _fork_helps
+
+    monkeypatch.setenv("FITUNE_PLAN_PROCESSES", "2")
+    if not _fork_helps():
+        pytest.skip("no fork on this platform")
+    r = _recipe("qlora", "rtx-4090", layers=9, grad_accum=2)
+    two = fitune.plan(r)
+    monkeypatch.setenv("FITUNE_PLAN_PROCESSES", "1")
+    serial = fitune.plan(r)
+    for name in ("phases", "breakdown", "peak_op", "peak_module", "timeline", "cuda", "phase_breakdowns"):
+        assert getattr(two, name) == getattr(serial, name), name
+
+
+@pytest.mark.limits(mem_gib=8)
+def test_a_child_that_fails_is_replaced_by_a_run_here(monkeypatch):
+    import os
+
+    from fitune.memory.simulate import simulate
+    from fitune.planner.plan import _fork_helps, in_two_processes
+
+    monkeypatch.setenv("FITUNE_PLAN_PROCESSES", "2")
+    if not _fork_helps():
+        pytest.skip("no fork on this platform")
+    here = os.getpid()
+    runs = []
+
+    def first():
+        if os.getpid() != here:
+            raise RuntimeError("the child fails")
+        runs.append("first here")
+        return simulate(_recipe("lora"), num_layers=1)
+
+    a, b = in_two_processes(first, lambda: simulate(_recipe("lora"), num_layers=1))
+    assert runs == ["first here"]
+    assert a.phase_peaks == b.phase_peaks

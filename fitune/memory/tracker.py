@@ -73,6 +73,9 @@ _RANK = {
 # `lift_fresh`, whose schema says "returns its input": the allocation is new all the same.
 _FRESH = {torch.ops.aten.lift_fresh.default}
 
+# fake tensors answer device queries through the dispatcher; they allocate nothing
+_DEVICE_QUERY = torch.ops.prim.device.default
+
 NO_MODULE = "(none)"
 DEFAULT_PHASE = "default"
 # Parts of a phase, each with its own peak: a phase's peak is the largest of them. Each part's peak grows in
@@ -80,6 +83,23 @@ DEFAULT_PHASE = "default"
 # step, or the fully loaded model, overtakes the pass's peak), so the planner extrapolates parts.
 PART_OPTIMIZER = "optimizer"  # the optimizer step
 PART_END = "end"  # the live bytes when the phase ends
+_ACTIVE: list[MemoryTracker] = []  # trackers entered, innermost last (``part`` marks the innermost)
+
+
+@contextmanager
+def part(name: str) -> Iterator[None]:
+    """Mark a stage of the current phase as a part of its own ("load/quantize"), with its own peak, for code
+    the tracker traces (the session builder); a no-op when no tracker is active. A stage whose peak grows
+    with depth at its own rate must be a part, so that each part stays affine in the number of layers."""
+    tracker = _ACTIVE[-1] if _ACTIVE else None
+    if tracker is None:
+        yield
+        return
+    previous, tracker._part = tracker._part, name
+    try:
+        yield
+    finally:
+        tracker._part = previous
 
 
 def phase_of(part: str) -> str:
@@ -196,6 +216,7 @@ class MemoryTracker(TorchDispatchMode):
         self._records: dict[int, _Storage] = {}  # id(storage) -> record, live storages only
         self._event = 0
         self._phase = DEFAULT_PHASE
+        self._part: str | None = None  # a stage of the phase marked by ``part``
         self.peak = PeakInfo()
         self._phase_peaks: dict[str, PeakInfo] = {}  # phase or "phase/part" -> peak
         self._part_alloc: dict[
@@ -372,11 +393,13 @@ class MemoryTracker(TorchDispatchMode):
             self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda x: x)
             self._saved_hooks.__enter__()
         self._depth += 1
+        _ACTIVE.append(self)
         super().__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         super().__exit__(*exc)
+        _ACTIVE.remove(self)
         self._depth -= 1
         if self._depth == 0:
             self._saved_hooks.__exit__(*exc)
@@ -388,6 +411,8 @@ class MemoryTracker(TorchDispatchMode):
             self._in_optimizer = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is _DEVICE_QUERY:  # asked thousands of times per step (autograd's engine, linear); no tensor
+            return func(*args, **(kwargs or {}))
         if self._engine_accumulates_in_place(func, args, kwargs):
             # autograd's engine adds the second gradient of a shared weight into the first in place when it
             # holds the only reference (a fresh gradient: always, here); on fake tensors it cannot tell, and
@@ -544,7 +569,10 @@ class MemoryTracker(TorchDispatchMode):
         """Close one event: update the peaks and the timeline with the live total after `op`."""
         event, self._event = self._event, self._event + 1
         live = self.live_bytes
-        key = f"{self._phase}/{PART_OPTIMIZER}" if self._in_optimizer is not None else self._phase
+        if self._in_optimizer is not None:
+            key = f"{self._phase}/{PART_OPTIMIZER}"
+        else:
+            key = f"{self._phase}/{self._part}" if self._part else self._phase
         if self.allocator is not None:
             alloc = self._part_alloc.setdefault(key, [0, 0])
             alloc[0] = max(alloc[0], self.allocator.allocated_bytes)

@@ -8,8 +8,12 @@ is affine in the number of identical layer groups, so the full depth follows exa
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -99,31 +103,95 @@ def traced_runs(
         )
 
     if warm_up:
+        # the load alone is enough: plans of 18 configurations (3 architectures x full / LoRA / QLoRA x CPU /
+        # CUDA target, with eval, samples and checkpoints) came out equal to the byte with a full warm-up
         small = recipe.updated({"train.batch_size": 1, "train.seq_len": 8, "train.grad_accum": 1})
-        simulate(small, source=source, num_layers=period, host_is_device=on_host)
+        simulate(small, source=source, num_layers=period, host_is_device=on_host, steps=False)
     if full_trace or num_layers <= FULL_TRACE_MAX_LAYERS or num_layers % period or 2 * period > num_layers:
         return [run(num_layers)], 0.0
     # two and three layer groups: the first group's load differs from the others (embeddings are
     # initialised before it), from the second on every group adds the same bytes
-    sims = [run(2 * period), run(3 * period)]
-    if recipe.method.kind == "qlora":
-        # a streamed QLoRA load peaks while one layer is quantized or at its very end, on top of all the layers
-        # already loaded, whichever is larger at the full depth: the load alone, traced at full depth, is exact
-        load = run(num_layers, steps=False)
-        for sim in sims:
-            _take_load(sim, load)
+    sims = list(in_two_processes(lambda: run(2 * period), lambda: run(3 * period)))
     return sims, num_layers / period - 2
 
 
-def _take_load(sim: Simulation, load: Simulation) -> None:
-    """Replace the load phase of ``sim`` by the one of ``load`` (a load-only trace at full depth)."""
-    sim.parts = {**{n: p for n, p in sim.parts.items() if phase_of(n) != "load"}, **load.parts}
-    for field_name in ("phase_peaks", "phase_breakdowns", "phase_peak_ops", "phase_peak_modules"):
-        getattr(sim, field_name)["load"] = getattr(load, field_name)["load"]
-    sim.phase_peak_stages["load"] = load.phase_peak_stages["load"]
-    for field_name in ("phase_allocated", "phase_reserved"):
-        if "load" in getattr(load, field_name):
-            getattr(sim, field_name)["load"] = getattr(load, field_name)["load"]
+FORK_MAX_RESIDENT = 1 << 30  # a process this large (a training run, a notebook holding a model) traces alone
+
+
+def _fork_helps() -> bool:
+    """Whether a traced run may go to a forked child. ``FITUNE_PLAN_PROCESSES=1``: never; ``2``: whenever the
+    platform allows it; unset: when there is a second core and this process is small (a plan from the command
+    line is about 0.5 GiB; a large one would have every page it touches copied). The platform must be Linux
+    (fork is unsafe with some macOS frameworks and absent on Windows) with CUDA not initialised here (a
+    forked child cannot use it, and a trace never needs it)."""
+    import torch
+
+    if sys.platform != "linux" or torch.cuda.is_initialized():
+        return False
+    setting = os.environ.get("FITUNE_PLAN_PROCESSES", "")
+    if setting in ("1", "2"):
+        return setting == "2"
+    try:
+        with open("/proc/self/statm") as f:
+            resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return False
+    return (os.cpu_count() or 1) > 1 and resident <= FORK_MAX_RESIDENT
+
+
+def in_two_processes(first, second) -> tuple[Simulation, Simulation]:
+    """``first()`` and ``second()``, two independent traced runs, the first in a forked child where that
+    can help (``_fork_helps``): tracing is single-threaded Python, so two cores take both at once. The child
+    sends its ``Simulation`` back as JSON over a pipe; if it fails in any way, ``first()`` runs here (and
+    raises here, if that is what it does)."""
+    if not _fork_helps():
+        return first(), second()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: run, send, leave without running any exit handler of the parent's
+        status = 1
+        try:
+            os.close(read_fd)
+            import torch
+
+            torch.set_num_threads(1)
+            data = json.dumps(asdict(first())).encode()
+            with os.fdopen(write_fd, "wb") as out:
+                out.write(data)
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    start = time.perf_counter()
+    try:
+        b = second()
+    finally:
+        # the two runs take about as long: a child far behind is stuck, and is replaced by a run here
+        data = _read_until(read_fd, deadline=time.perf_counter() + 60 + 10 * (time.perf_counter() - start))
+        if data is None:
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+    if status != 0 or not data:
+        return first(), b
+    return Simulation(**json.loads(data)), b
+
+
+def _read_until(fd: int, deadline: float) -> bytes | None:
+    """All a pipe carries until its writer closes it, or None past ``deadline``."""
+    import select
+
+    chunks = []
+    try:
+        while True:
+            left = deadline - time.perf_counter()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
 
 
 def plan(recipe, *, full_trace: bool = False) -> Plan:
