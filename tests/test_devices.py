@@ -301,3 +301,74 @@ def test_cpu_bf16_bmm_copy_is_modelled_as_measured() -> None:
         assert 0 <= measured - tracker.peak_bytes < 64 * 1024, name
         copied = tracker.peak_bytes - x.shape[0] * x.shape[1] * 3000 * x.element_size()
         assert (copied > 0) == (name.startswith("sliced")), name
+
+
+def test_flash_backward_scratch_follows_flash_api() -> None:
+    """softmax_d and dq_accum (rounded to 128 rows and 32-wide heads), and the GQA expansions of dk/dv."""
+    from fitune.memory.devices import cuda_round_size, flash_backward_scratch_bytes
+
+    # Llama-3.1-8B shapes: 32 query heads, 8 key/value heads, head_dim 128, bf16, micro-batch 2 at 1000 tokens
+    got = flash_backward_scratch_bytes(2, 32, 8, 1000, 1000, 128, 2)
+    softmax_d = 2 * 32 * 1024 * 4
+    dq_accum = 2 * 1024 * 32 * 128 * 4
+    expanded = 2 * 1000 * 32 * 128 * 2
+    assert got == cuda_round_size(softmax_d) + cuda_round_size(dq_accum) + 2 * cuda_round_size(expanded)
+    # head_dim 80 rounds to 96; no expansion without GQA; above 192 the head rounds to 256
+    assert flash_backward_scratch_bytes(1, 4, 4, 128, 128, 80, 2) == cuda_round_size(
+        4 * 128 * 4
+    ) + cuda_round_size(128 * 4 * 96 * 4)
+    assert flash_backward_scratch_bytes(1, 1, 1, 128, 128, 200, 2) == cuda_round_size(512) + cuda_round_size(
+        128 * 256 * 4
+    )
+
+
+def test_flash_scratch_is_counted_where_the_gpu_runs_the_flash_kernel(monkeypatch) -> None:
+    import torch
+
+    import fitune
+    from fitune.hardware.catalog import get_gpu
+    from fitune.memory.devices import CudaModel, flash_backward_scratch_bytes
+    from fitune.recipe import Recipe
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    q = torch.empty(2, 8, 300, 64, dtype=torch.bfloat16)
+    kv = torch.empty(2, 2, 300, 64, dtype=torch.bfloat16)
+    args = (q, q, kv, kv, q, torch.empty(2, 8, 300), 0.0, True)
+    expected = flash_backward_scratch_bytes(2, 8, 2, 300, 300, 64, 2)
+    assert CudaModel(get_gpu("rtx-4090")).kernel_scratch(op, args, {}) == expected
+    assert CudaModel(get_gpu("t4")).kernel_scratch(op, args, {}) == 0  # sm_75: memory-efficient kernel
+    assert CudaModel(get_gpu("rtx-4090")).kernel_scratch(op, args, {"attn_mask": q}) == 0  # a mask: efficient
+    fp32 = (q.float(), q.float(), kv.float(), kv.float(), q.float(), args[5], 0.0, True)
+    assert CudaModel(get_gpu("rtx-4090")).kernel_scratch(op, fp32, {}) == 0
+    assert CudaModel(get_gpu("rtx-4090")).kernel_scratch(torch.ops.aten.mm.default, (q, q), {}) == 0
+
+    # a plan for the GPU asks for it at every attention backward and counts what it answers
+    seen = []
+    original = CudaModel.kernel_scratch
+
+    def spy(self, func, a, k):
+        n = original(self, func, a, k)
+        if n:
+            seen.append(n)
+        return n
+
+    monkeypatch.setattr(CudaModel, "kernel_scratch", spy)
+    config = {
+        "model_type": "llama",
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+    }
+    r = Recipe.from_dict(
+        {
+            "model": {"config": config, "dtype": "bf16"},
+            "method": {"kind": "lora"},
+            "train": {"seq_len": 300, "batch_size": 2, "precision": "bf16"},
+            "hardware": {"device": "rtx-4090"},
+        }
+    )
+    fitune.plan(r, full_trace=True)
+    assert seen and set(seen) == {flash_backward_scratch_bytes(2, 8, 2, 300, 300, 32, 2)}

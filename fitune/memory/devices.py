@@ -102,6 +102,61 @@ CUDA_CONTEXT_SOURCE = (
     "666,632,192 B eager); varies with GPU, driver, CUDA version and the kernels loaded"
 )
 
+# --------------------------------------------------------------------------- SDPA on CUDA
+# A plan for a GPU traces torch's SDPA on fake CPU tensors: _scaled_dot_product_flash_attention_for_cpu. Its
+# forward saves what CUDA's flash kernel saves (the output, and a B x H x T fp32 logsumexp); its backward
+# allocates grad_q/k/v only. CUDA's flash backward allocates more, and frees it when it returns.
+SDPA_KERNEL_CHOICE_SOURCE = (
+    "https://github.com/pytorch/pytorch/blob/main/aten/src/ATen/native/transformers/cuda/sdp_utils.cpp"
+)
+FLASH_BACKWARD_SOURCE = (
+    "https://github.com/pytorch/pytorch/blob/main/aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp"
+    " (mha_bwd), the same allocations as Dao-AILab/flash-attention csrc/flash_attn/flash_api.cpp"
+)
+# sdp_utils.cpp: the flash kernel needs sm_80 or newer, fp16/bf16 inputs, no attn_mask and head_dim <= 256;
+# otherwise the memory-efficient kernel runs (its backward workspace depends on the tile configuration chosen
+# at run time, and is not modelled). cuDNN attention comes after both in the default order.
+FLASH_MIN_MAJOR = 8
+FLASH_MAX_HEAD_DIM = 256
+# flash_api.cpp mha_bwd: seqlen_q_rounded = round_multiple(seqlen_q, 128); head_size_rounded = head_size <= 192 ?
+# round_multiple(head_size, 32) : 256. It allocates softmax_d {B, H, seqlen_q_rounded} fp32, dq_accum {B,
+# seqlen_q_rounded, H, head_size_rounded} fp32 (torch runs it non-deterministic unless deterministic
+# algorithms are on) and, with fewer key/value heads than query heads, dk_expanded and dv_expanded {B,
+# seqlen_k, H, head_size} in the input dtype, summed into dk/dv before it returns.
+FLASH_SEQ_ROUND = 128
+FLASH_HEAD_ROUND = 32
+FLASH_HEAD_ROUND_ABOVE = 192  # head sizes above this round to 256
+FLASH_CPU_BACKWARD_OP = "aten._scaled_dot_product_flash_attention_for_cpu_backward.default"
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def cuda_sdpa_kernel(
+    compute_capability: tuple[int, int] | None, *, half: bool, has_mask: bool, head_dim: int
+) -> str:
+    """ "flash" or "efficient": the fused kernel torch's SDPA picks on CUDA (sdp_utils.cpp, default order).
+    Unknown architecture: assumed sm_80 or newer."""
+    major = compute_capability[0] if compute_capability is not None else FLASH_MIN_MAJOR
+    if major >= FLASH_MIN_MAJOR and half and not has_mask and head_dim <= FLASH_MAX_HEAD_DIM:
+        return "flash"
+    return "efficient"
+
+
+def flash_backward_scratch_bytes(
+    batch: int, heads: int, kv_heads: int, seq_q: int, seq_k: int, head_dim: int, itemsize: int
+) -> int:
+    """Bytes CUDA's flash backward allocates beyond grad_q/k/v (``FLASH_BACKWARD_SOURCE``), each buffer in the
+    caching allocator's 512-byte blocks."""
+    seq_rounded = _round_up(seq_q, FLASH_SEQ_ROUND)
+    head_rounded = _round_up(head_dim, FLASH_HEAD_ROUND) if head_dim <= FLASH_HEAD_ROUND_ABOVE else 256
+    sizes = [batch * heads * seq_rounded * 4, batch * seq_rounded * heads * head_rounded * 4]
+    if kv_heads != heads:
+        sizes += [batch * seq_k * heads * head_dim * itemsize] * 2
+    return sum(cuda_round_size(n) for n in sizes)
+
+
 CountedIn = Literal["allocated", "reserved", "device"]
 
 
@@ -146,9 +201,10 @@ class DeviceModel:
     def overheads(self) -> list[Overhead]:
         raise NotImplementedError
 
-    def kernel_scratch(self, func, args: tuple) -> int:
-        """Bytes the device's kernel for ``func`` (an aten overload) on ``args`` allocates and frees inside
-        itself, which a trace at the dispatcher cannot see; the tracker adds them for that op alone."""
+    def kernel_scratch(self, func, args: tuple, kwargs: dict) -> int:
+        """Bytes the device's kernel for ``func`` (an aten overload) on ``args`` / ``kwargs`` allocates and
+        frees inside itself, which a trace at the dispatcher cannot see; the tracker adds them for that op
+        alone, beside its output."""
         return 0
 
 
@@ -176,7 +232,7 @@ class CpuModel(DeviceModel):
     def overheads(self) -> list[Overhead]:
         return []
 
-    def kernel_scratch(self, func, args: tuple) -> int:
+    def kernel_scratch(self, func, args: tuple, kwargs: dict) -> int:
         if str(func) != "aten.bmm.default":
             return 0
         other = args[1]
@@ -348,6 +404,22 @@ class CudaModel(DeviceModel):
 
     def new_allocator(self) -> CachingAllocatorSim:
         return CachingAllocatorSim()
+
+    def kernel_scratch(self, func, args: tuple, kwargs: dict) -> int:
+        """The SDPA flash backward's workspace (``flash_backward_scratch_bytes``) where this GPU's SDPA runs
+        the flash kernel; nothing for other ops."""
+        if str(func) != FLASH_CPU_BACKWARD_OP:
+            return 0
+        query, key = args[1], args[2]
+        batch, heads, seq_q, head_dim = query.shape
+        cc = self.gpu.compute_capability if self.gpu is not None else None
+        half = query.is_floating_point() and query.element_size() == 2
+        has_mask = kwargs.get("attn_mask") is not None
+        if cuda_sdpa_kernel(cc, half=half, has_mask=has_mask, head_dim=head_dim) != "flash":
+            return 0
+        return flash_backward_scratch_bytes(
+            batch, heads, key.shape[1], seq_q, key.shape[2], head_dim, query.element_size()
+        )
 
     def overheads(self) -> list[Overhead]:
         cc = self.gpu.compute_capability if self.gpu is not None else None

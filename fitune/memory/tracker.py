@@ -195,12 +195,12 @@ class MemoryTracker(TorchDispatchMode):
         *,
         max_timeline_points: int = 4096,
         allocator: Any = None,
-        kernel_scratch: Callable[[Any, tuple], int] | None = None,
+        kernel_scratch: Callable[[Any, tuple, dict], int] | None = None,
     ) -> None:
         super().__init__()
         self.round_bytes = round_bytes
-        # optional model of the bytes a kernel allocates and frees inside one op (func, args) -> bytes, which
-        # no dispatcher-level trace sees (``DeviceModel.kernel_scratch``): counted live for that op alone
+        # optional model of the bytes a kernel allocates and frees inside one op, which no dispatcher-level
+        # trace sees: (func, args, kwargs) -> bytes (``DeviceModel.kernel_scratch``), live for that op alone
         self.kernel_scratch = kernel_scratch
         # optional allocator model told of every allocation (malloc(key, nbytes)) and release (free(key)),
         # e.g. to model the segments a caching allocator reserves
@@ -450,7 +450,7 @@ class MemoryTracker(TorchDispatchMode):
             produced and not self._off_device
         ):  # metadata queries (prim.device under FakeTensorMode, sym_size...) are no events
             self._note(str(func))
-            scratch = self.kernel_scratch(func, args) if self.kernel_scratch is not None else 0
+            scratch = self.kernel_scratch(func, args, kwargs or {}) if self.kernel_scratch is not None else 0
             if scratch:
                 self._transient(scratch, f"{func} (kernel scratch)")
         return out
