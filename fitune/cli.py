@@ -115,8 +115,9 @@ def train(
     )
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:,.2f} GiB"
+def _human(n: int) -> str:
+    """Bytes for a person: GiB from 1 GiB up, MiB below (a small model's figures would all read 0.00 GiB)."""
+    return f"{n / 2**30:,.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
 
 def _print_plan(p, recipe) -> None:
@@ -125,7 +126,7 @@ def _print_plan(p, recipe) -> None:
     target = p.gpu or p.device
     console.print(
         f"[bold]plan[/] {recipe.method.kind} of {recipe.model.source or 'inline config'} on {target}: "
-        f"peak [bold]{_gib(p.peak_bytes)}[/] in {p.peak_phase} ({p.num_layers} layers; traced "
+        f"peak [bold]{_human(p.peak_bytes)}[/] in {p.peak_phase} ({p.num_layers} layers; traced "
         f"{' and '.join(map(str, p.traced_layers))}; {p.seconds:.1f} s)",
         highlight=False,
     )
@@ -133,7 +134,7 @@ def _print_plan(p, recipe) -> None:
     phases.add_column("phase")
     phases.add_column("peak", justify="right")
     for name, b in p.phases.items():
-        phases.add_row(name, _gib(b))
+        phases.add_row(name, _human(b))
     for name, why in p.absent.items():
         phases.add_row(name, f"absent: {why}")
     console.print(phases)
@@ -142,17 +143,17 @@ def _print_plan(p, recipe) -> None:
     table.add_column("bytes", justify="right")
     table.add_column("share", justify="right")
     for cat, b in sorted(p.breakdown.items(), key=lambda kv: -kv[1]):
-        table.add_row(cat, _gib(b), f"{100 * b / max(1, p.peak_bytes):.1f}%")
+        table.add_row(cat, _human(b), f"{100 * b / max(1, p.peak_bytes):.1f}%")
     console.print(table)
     if p.cuda:
         console.print(
-            f"CUDA: max_memory_allocated {_gib(p.cuda['allocated'])}, max_memory_reserved "
-            f"{_gib(p.cuda['reserved'])}, with the CUDA context about {_gib(p.cuda['device_total'])} on the device",
+            f"CUDA: max_memory_allocated {_human(p.cuda['allocated'])}, max_memory_reserved "
+            f"{_human(p.cuda['reserved'])}, with the CUDA context about {_human(p.cuda['device_total'])} on the device",
             highlight=False,
         )
     for category, b in p.host.items():
         console.print(
-            f"host memory: {category} peak at {_gib(b)} (held off the device, not part of the peak above)",
+            f"host memory: {category} peak at {_human(b)} (held off the device, not part of the peak above)",
             highlight=False,
         )
     for note in p.notes:
@@ -191,7 +192,7 @@ def _print_search(result, top: int, from_defaults: bool) -> None:
     t, base = result.target, result.base
     console.print(
         f"[bold]plan search[/] {base.model.source or 'inline config'} on {t.label}: usable "
-        f"{_gib(result.usable_bytes)} after a {result.margin:.0%} margin; seq_len {result.seq_len}, "
+        f"{_human(result.usable_bytes)} after a {result.margin:.0%} margin; seq_len {result.seq_len}, "
         f"effective batch {result.effective_batch}",
         highlight=False,
     )
@@ -228,7 +229,7 @@ def _print_search(result, top: int, from_defaults: bool) -> None:
         best = result.ranked[0]
         largest = sorted(best.breakdown.items(), key=lambda kv: -kv[1])[:4]
         console.print(
-            f"chosen: #1, peak {_gib(best.peak_bytes)} at the {best.peak_region} "
+            f"chosen: #1, peak {_human(best.peak_bytes)} at the {best.peak_region} "
             f"({', '.join(f'{k} {v / 2**30:.2f}' for k, v in largest)} GiB)",
             highlight=False,
         )
@@ -356,8 +357,8 @@ def _plan_search(r, gpu, budget, margin, top, methods, as_json, write, report, s
     _print_search(result, top, from_defaults)
     if chosen_plan is not None:
         console.print(
-            f"direct plan of the chosen configuration: peak {_gib(chosen_plan.peak_bytes)} "
-            f"(search: {_gib(result.ranked[0].peak_bytes)})",
+            f"direct plan of the chosen configuration: peak {_human(chosen_plan.peak_bytes)} "
+            f"(search: {_human(result.ranked[0].peak_bytes)})",
             highlight=False,
         )
     if write:
@@ -438,9 +439,9 @@ def measure(
         table.add_column(col, justify="right" if col != "phase" else "left")
     for name, row in rows.items():
         err = f"{100 * row['error']:+.2f}%" if row["error"] is not None else "-"
-        table.add_row(name, _gib(row["predicted"]), _gib(row["measured"]), err)
+        table.add_row(name, _human(row["predicted"]), _human(row["measured"]), err)
     err = predicted.peak_bytes / measured.peak_bytes - 1
-    table.add_row("peak", _gib(predicted.peak_bytes), _gib(measured.peak_bytes), f"{100 * err:+.2f}%")
+    table.add_row("peak", _human(predicted.peak_bytes), _human(measured.peak_bytes), f"{100 * err:+.2f}%")
     console.print(table)
 
 
