@@ -4,7 +4,8 @@ checkpoint, save, each through the code the training loop calls) and report the 
 On CUDA the figures come from torch.cuda's memory statistics; on the CPU from torch.profiler's allocation
 events (``measure_cpu_allocations``: no Python tracer, so the load is measured at its own speed). The steps
 and the eval pass use the same full-length synthetic batches the plan assumes, and the samples the recipe's
-prompts, so the two compare. Phases the recipe's run does not have are left out.
+longest prompt (the one the plan sizes the phase by), so the two compare. Phases the recipe's run does not
+have are left out.
 """
 
 from __future__ import annotations
@@ -66,9 +67,16 @@ def measure(recipe) -> Measurement:
     if recipe.data is not None and recipe.data.eval_fraction > 0:
         actions["eval"] = evaluate
     if recipe.samples.prompts:
-        actions["samples"] = lambda: run_phases.generate(
-            holder["session"], recipe.samples.prompts, recipe.samples.max_new_tokens
-        )
+
+        def samples():
+            # the longest prompt sets the phase's peak, as the plan sizes it; each answer is a long run of small
+            # ops, and the profiler keeps an event for every one (about 0.7 GiB and 5 s per SmolLM2 answer)
+            session = holder["session"]
+            lengths, _ = run_phases.prompt_lengths(recipe.samples.prompts, session.tokenizer)
+            longest = recipe.samples.prompts[lengths.index(max(lengths))]
+            run_phases.generate(session, [longest], recipe.samples.max_new_tokens)
+
+        actions["samples"] = samples
     if recipe.output.save_every:
         actions["checkpoint"] = lambda: save_checkpoint(holder["session"], folder, 1)
     actions["save"] = lambda: run_phases.save_result(holder["session"], folder)

@@ -152,6 +152,10 @@ def in_two_processes(first, second) -> tuple[Simulation, Simulation]:
         status = 1
         try:
             os.close(read_fd)
+            # the run here prints the same library warnings: the child would print them a second time
+            quiet = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(quiet, 1)
+            os.dup2(quiet, 2)
             import torch
 
             torch.set_num_threads(1)
