@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 from fitune.memory.simulate import PHASES, Simulation, simulate
@@ -147,7 +148,11 @@ def in_two_processes(first, second) -> tuple[Simulation, Simulation]:
     if not _fork_helps():
         return first(), second()
     read_fd, write_fd = os.pipe()
-    pid = os.fork()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns about fork in a process with threads (torch's pools); the child runs Python and
+        # fake tensors only, with one torch thread, as torch's own DataLoader workers do after fork
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # the child: run, send, leave without running any exit handler of the parent's
         status = 1
         try:
