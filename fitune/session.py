@@ -59,6 +59,15 @@ class Session:
         self.model.train(mode)
         self.installed.verify(f"model.{'train' if mode else 'eval'}()")
 
+    @contextlib.contextmanager
+    def evaluating(self):
+        """The model in eval mode for the block (``set_training(False)``), then back in the mode it was in.
+        Not restored when the block raises: the run ends there, and a check that raised would hide the error."""
+        was_training = self.model.training
+        self.set_training(False)
+        yield
+        self.set_training(was_training)
+
     def autocast(self):
         if self.compute_dtype is None:
             return contextlib.nullcontext()

@@ -133,15 +133,13 @@ def eval_loss(session, batches: Iterable[Batch]) -> torch.Tensor | None:
     """Mean token loss over ``batches`` without gradients (None when there are none), through the same loss,
     attention, lean and offload settings as training; like training, each micro-batch moves to the device
     only for its own pass, so ``batches`` may collate lazily."""
-    was_training = session.model.training
-    session.set_training(False)
     total = count = None
-    for batch in batches:
-        batch = batch.to(session.device)
-        loss_sum = micro_batch_loss(session, batch, 1)
-        n = (batch.targets_BT != IGNORE).sum()
-        total = loss_sum if total is None else total + loss_sum
-        count = n if count is None else count + n
-        del batch, loss_sum
-    session.set_training(was_training)
+    with session.evaluating():
+        for batch in batches:
+            batch = batch.to(session.device)
+            loss_sum = micro_batch_loss(session, batch, 1)
+            n = (batch.targets_BT != IGNORE).sum()
+            total = loss_sum if total is None else total + loss_sum
+            count = n if count is None else count + n
+            del batch, loss_sum
     return None if total is None else total / count.clamp(min=1)

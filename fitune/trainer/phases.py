@@ -75,10 +75,8 @@ def prompt_lengths(prompts: list[str], tok=None) -> tuple[list[int], str]:
 def generate(session, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy answers to ``prompts`` (KV cache on), one prompt at a time."""
     tok = session.tokenizer
-    was_training = session.model.training
-    session.set_training(False)
     answers = []
-    with oom_guard(session, "samples"):
+    with session.evaluating(), oom_guard(session, "samples"):
         for prompt in prompts:
             ids = prompt_ids(tok, prompt).to(session.device)
             with session.autocast():
@@ -92,7 +90,6 @@ def generate(session, prompts: list[str], max_new_tokens: int) -> list[str]:
                     eos_token_id=tok.eos_token_id,
                 )
             answers.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
-    session.set_training(was_training)
     return answers
 
 
@@ -103,18 +100,15 @@ def generation_bound(session, prompt_len: int, max_new_tokens: int) -> None:
     last position's logits, then one decoding step on that cache. The cache and the last step are what
     decoding holds at its end; the long first pass bounds the real prompt pass from above."""
     lm = session.causal_lm
-    was_training = session.model.training
-    session.set_training(False)
     length = prompt_len + max_new_tokens - 1
     ids_1L = torch.zeros((1, length), dtype=torch.long, device=session.device)
-    with session.autocast():
+    with session.evaluating(), session.autocast():
         out = lm(input_ids=ids_1L, attention_mask=torch.ones_like(ids_1L), use_cache=True, logits_to_keep=1)
         next_11 = out.logits[:, -1:].float().argmax(-1)
         mask_1L = torch.ones((1, length + 1), dtype=torch.long, device=session.device)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         step = lm(input_ids=next_11, attention_mask=mask_1L, cache=cache, use_cache=True, logits_to_keep=1)
         del out, step
-    session.set_training(was_training)
 
 
 def saved_state(session) -> dict[str, torch.Tensor]:
