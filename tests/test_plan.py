@@ -199,3 +199,63 @@ def test_a_child_that_fails_is_replaced_by_a_run_here(monkeypatch):
     a, b = in_two_processes(first, lambda: simulate(_recipe("lora"), num_layers=1))
     assert runs == ["first here"]
     assert a.phase_peaks == b.phase_peaks
+
+
+@pytest.mark.parametrize(
+    ("kind", "device", "grad_accum", "optimizer", "checkpointing"),
+    [
+        ("lora", "cpu", 1, "adamw", False),
+        ("qlora", "rtx-4090", 3, "adamw8bit", True),
+        ("full", "cpu", 2, "adamw8bit", False),
+        ("full", "t4", 2, "adamw", True),
+    ],
+)
+def test_steady_step_taken_from_the_first_equals_a_traced_one(
+    kind, device, grad_accum, optimizer, checkpointing
+):
+    """The steady step's micro-batches are the first step's with the optimizer state beside them, and its
+    optimizer step is traced on the first step's gradients: every part, the allocator's peaks (CUDA) and the
+    timeline come out as tracing a second step does."""
+    from fitune.memory.devices import device_model
+    from fitune.memory.simulate import simulate
+    from fitune.planner.plan import _target
+
+    precision = "fp16" if device == "t4" else "bf16"
+    r = _recipe(
+        kind,
+        device,
+        grad_accum=grad_accum,
+        optimizer=optimizer,
+        precision=precision,
+        gradient_checkpointing=checkpointing,
+    )
+    target = _target(r)
+    model = device_model(target["device"], target["gpu"])
+
+    def run(in_full: bool):
+        return simulate(
+            r,
+            num_layers=2,
+            round_bytes=model.round_bytes,
+            allocator=model.new_allocator(),
+            host_is_device=model.kind == "cpu",
+            kernel_scratch=model.kernel_scratch,
+            steady_step_in_full=in_full,
+        )
+
+    run(True)  # one-time initialisations inside torch and the libraries stay out of the compared runs
+    traced, taken = run(True), run(False)
+    assert taken.parts == traced.parts
+    assert taken.phase_peaks == traced.phase_peaks
+    assert taken.phase_allocated == traced.phase_allocated
+    assert taken.phase_reserved == traced.phase_reserved
+    assert (taken.peak_bytes, taken.peak_phase, taken.peak_op) == (
+        traced.peak_bytes,
+        traced.peak_phase,
+        traced.peak_op,
+    )
+
+    def points(sim):
+        return [(p["stage"], p["live_bytes"], p["by_category"]) for p in sim.timeline]
+
+    assert points(taken) == points(traced)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -15,6 +17,7 @@ import torch
 
 from fitune.errors import FituneError, PlanError
 
+AFTER_OPTIMIZER = "after_optimizer"  # the part of a step after its optimizer step (see simulate)
 PHASES = ("load", "first_step", "steady_step", "eval", "samples", "checkpoint", "save")
 STEP_PHASES = ("first_step", "steady_step")
 
@@ -122,16 +125,26 @@ def simulate(
     host_is_device: bool = True,
     steps: bool = True,
     kernel_scratch=None,
+    steady_step_in_full: bool = False,
 ) -> Simulation:
-    """Run load + two training steps of ``recipe`` on fake tensors; ``num_layers`` overrides the depth.
+    """Run the load, the first training step and the later phases of ``recipe`` on fake tensors, and take
+    the steady step from the first; ``num_layers`` overrides the depth.
 
     ``host_is_device=False`` (planning for a GPU): work the session builder stages in host memory is not
     counted as device memory.
+
+    The steady step's micro-batches run the first step's operations on the same tensors with the optimizer
+    state beside them, so they are taken from the first step (``_steady_from_first``), which halves the
+    traced operations; its optimizer step is traced, run a second time on the first step's gradients once
+    the state exists. On a CUDA target the allocator model replays the first step's allocations as the
+    steady step's (``_replay_steady``), so its blocks and segments come out as after two real steps.
+    ``steady_step_in_full`` traces a second training step instead; ``tests/test_plan.py`` checks that both
+    give the same figures, part by part and op by op.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fitune.data.batching import synthetic_batch
-    from fitune.memory.tracker import MemoryTracker, PeakInfo, largest, phase_of
+    from fitune.memory.tracker import PART_END, Category, MemoryTracker, PeakInfo, largest, phase_of
     from fitune.models import sources
     from fitune.session import build_session
     from fitune.step import train_step
@@ -169,13 +182,22 @@ def simulate(
             tracker.register_model(session.model)
             tracker.register_optimizer(session.optimizer)
             for phase in STEP_PHASES if steps else ():  # steps=False: the load alone
-                with tracker.phase(phase), _allocator_phase(allocator, phase, alloc_peaks):
+                if phase == "steady_step" and not steady_step_in_full:
+                    continue
+                derive = phase == "first_step" and not steady_step_in_full
+                with (
+                    tracker.phase(phase),
+                    _allocator_phase(allocator, phase, alloc_peaks),
+                    _steady_optimizer_step(session.optimizer, tracker, allocator, derive) as replay,
+                ):
                     group = [
                         synthetic_batch(t.batch_size, t.seq_len, src.config.vocab_size)
                         for _ in range(min(t.grad_accum, 2))
                     ]
                     train_step(session, group)
                     del group
+                if replay is not None:  # the steady step on the allocator model, after the first
+                    alloc_peaks["steady_step"] = replay()
             for phase, run in _other_phases(recipe, session, src, absent, notes).items() if steps else ():
                 with tracker.phase(phase), _allocator_phase(allocator, phase, alloc_peaks):
                     run()
@@ -189,23 +211,33 @@ def simulate(
             "fix: choose another attention kernel, method or optimizer for the plan, or report the op"
         ) from exc
     parts = tracker.part_peak_infos()
+    part_alloc = tracker.part_allocator_peaks()
+    points = [p for p in tracker.timeline if p.phase in STEP_PHASES]
+    if steps and not steady_step_in_full:
+        points = _steady_from_first(parts, points)
+        host_peaks = tracker.host_phase_peaks()
+        if "first_step" in host_peaks:
+            host_peaks["steady_step"] = dict(host_peaks["first_step"])
+    else:
+        host_peaks = tracker.host_phase_peaks()
     # Beyond two micro-batches, gradient accumulation repeats the same forward and backward over buffers that
-    # already exist; only the waiting micro-batches (host memory, where host is the device) add bytes.
+    # already exist; only the waiting micro-batches (host memory, where host is the device) add bytes, until
+    # the step lets its group go (before its end, as fitune.measure does).
     waiting = max(0, t.grad_accum - 2) if host_is_device else 0
     if waiting:
         per_batch = 2 * (round_bytes or (lambda n: n))(t.batch_size * t.seq_len * 8)  # ids + targets, int64
         for part, info in parts.items():
-            if phase_of(part) in STEP_PHASES:
+            if phase_of(part) in STEP_PHASES and not part.endswith(f"/{PART_END}"):
                 info.bytes += waiting * per_batch
                 info.breakdown = dict(info.breakdown)
-                key = next(c for c in info.breakdown if getattr(c, "value", c) == "temporaries")
-                info.breakdown[key] += waiting * per_batch
+                info.breakdown[Category.TEMPORARIES] = (
+                    info.breakdown.get(Category.TEMPORARIES, 0) + waiting * per_batch
+                )
     traced = [name for name in PHASES if any(phase_of(part) == name for part in parts)]
     infos = {
         name: largest((info for part, info in parts.items() if phase_of(part) == name), PeakInfo(phase=name))
         for name in traced
     }
-    part_alloc = tracker.part_allocator_peaks()
     timeline = [
         {
             "event": p.event,
@@ -216,18 +248,19 @@ def simulate(
             "live_bytes": p.live_bytes,
             "by_category": _by_name(p.by_category),
         }
-        for p in tracker.timeline
+        for p in points
         if p.phase == "steady_step"
     ]
+    overall = largest(infos.values())
     return Simulation(
         num_layers=depth,
         phase_peaks={name: int(infos[name].bytes) for name in traced},
-        peak_bytes=max(int(info.bytes) for info in infos.values()),
-        peak_phase=tracker.peak_phase,
-        peak_op=tracker.peak_op,
-        peak_module=tracker.peak_module,
-        peak_stage=tracker.peak_stage,
-        breakdown=_by_name(tracker.breakdown_at_peak()),
+        peak_bytes=int(overall.bytes),
+        peak_phase=overall.phase,
+        peak_op=overall.op,
+        peak_module=overall.module,
+        peak_stage=overall.stage,
+        breakdown=_by_name(overall.breakdown),
         phase_breakdowns={name: _by_name(infos[name].breakdown) for name in traced},
         phase_peak_ops={name: infos[name].op for name in traced},
         phase_peak_modules={name: infos[name].module for name in traced},
@@ -235,7 +268,7 @@ def simulate(
         phase_allocated={name: a for name, (a, _) in alloc_peaks.items()},
         phase_reserved={name: r for name, (_, r) in alloc_peaks.items()},
         timeline=timeline,
-        phase_host_peaks=tracker.host_phase_peaks(),
+        phase_host_peaks=host_peaks,
         seconds=time.perf_counter() - start,
         absent=absent,
         notes=notes,
@@ -253,6 +286,168 @@ def simulate(
             if phase_of(part) in PHASES
         },
     )
+
+
+@contextlib.contextmanager
+def _steady_optimizer_step(optimizer, tracker, allocator, active: bool):
+    """While active: every optimizer step runs twice, the second as the steady step's (phase
+    ``steady_step``), on the same gradients with the state the first created, as a later step finds it.
+    Yields None, or with an allocator model a callable to run once the first step has ended: it replays
+    the steady step on the allocator model (``_replay_steady``)."""
+    if not active:
+        yield None
+        return
+    own = "step" in vars(optimizer)  # an LR scheduler wraps the bound method on the instance
+    original = optimizer.step
+    part = tracker._part
+    recorder = _StepRecorder(allocator) if allocator is not None else None
+
+    @functools.wraps(original)  # keeps what the LR scheduler marked on it
+    def step(*args, **kwargs):
+        if recorder is not None:
+            recorder.segment = "first_optimizer"
+        out = original(*args, **kwargs)
+        if recorder is not None:
+            recorder.segment = "steady_optimizer"
+        with tracker.phase("steady_step"):
+            original(*args, **kwargs)
+        if recorder is not None:
+            recorder.segment = "after"
+        # what the step does after its optimizer step (the state beside it) is a part of its own: the
+        # micro-batches' part is the one the steady step's is taken from
+        tracker._part = AFTER_OPTIMIZER
+        return out
+
+    optimizer.step = step
+    if recorder is not None:
+        tracker.allocator = recorder
+    try:
+        yield None if recorder is None else functools.partial(_replay_steady, recorder, tracker)
+    finally:
+        tracker._part = part
+        tracker.allocator = allocator
+        if own:
+            optimizer.step = original
+        else:
+            del optimizer.step
+
+
+class _StepRecorder:
+    """The allocator model as the tracker drives it through the first step: every call goes through and is
+    kept, with the segment of the step it came in (``pass``, ``first_optimizer``, ``steady_optimizer``,
+    ``after``) and the tracker's notes between them. The second optimizer step's allocations are kept only
+    (they are no part of the first step): ``_replay_steady`` replays them in the steady step."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.segment = "pass"
+        self.events: list[tuple[str, str, object, int]] = []
+        self._kept: set[int] = set()
+
+    def malloc(self, key: int, nbytes: int) -> None:
+        self.events.append((self.segment, "malloc", key, nbytes))
+        if self.segment == "steady_optimizer":
+            self._kept.add(key)
+        else:
+            self.inner.malloc(key, nbytes)
+
+    def free(self, key: int) -> None:
+        self.events.append((self.segment, "free", key, 0))
+        if key in self._kept:
+            self._kept.discard(key)
+        else:
+            self.inner.free(key)
+
+    def note(self, part: str) -> None:
+        self.events.append((self.segment, "note", part, 0))
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.inner.allocated_bytes
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self.inner.reserved_bytes
+
+
+def _replay_steady(recorder: _StepRecorder, tracker) -> tuple[int, int]:
+    """The steady step on the allocator model, from the first step's calls, once the first step has ended:
+    its micro-batches' calls again (fresh keys), the second optimizer step's, then what followed it. Sets
+    the allocator's peaks of the steady step's parts as tracing a second step sets them, and returns the
+    phase's (allocated, reserved) peaks."""
+    from fitune.memory.tracker import PART_END
+
+    alloc = recorder.inner
+    alloc.peak_allocated, alloc.peak_reserved = alloc.allocated_bytes, alloc.reserved_bytes
+    peaks: dict[str, list[int]] = {}
+
+    def note(part: str) -> None:
+        peak = peaks.setdefault(part, [0, 0])
+        peak[0] = max(peak[0], alloc.allocated_bytes)
+        peak[1] = max(peak[1], alloc.reserved_bytes)
+
+    note("steady_step")  # the phase opens
+    keys: dict[object, object] = {}
+    for segment, kind, key, nbytes in recorder.events:
+        if segment == "first_optimizer":  # creates the state, which the steady step finds in place
+            continue
+        if kind == "malloc":
+            fresh = object()
+            alloc.malloc(id(fresh), nbytes)
+            keys[key] = (fresh, id(fresh))
+        elif kind == "free":
+            if key in keys:  # allocated in the step; anything older was freed once, in the first step
+                alloc.free(keys.pop(key)[1])
+        elif segment != "steady_optimizer" or key.startswith("steady_step/"):
+            note("steady_step" + key[len("first_step") :] if key.startswith("first_step") else key)
+    peaks[f"steady_step/{PART_END}"] = [alloc.allocated_bytes, alloc.reserved_bytes]
+    for part, (allocated, reserved) in peaks.items():
+        tracker._part_alloc[part] = [allocated, reserved]
+    return alloc.peak_allocated, alloc.peak_reserved
+
+
+def _steady_from_first(parts: dict, points: list) -> list:
+    """The steady step from the first: its micro-batches (and the clipping after them) are the first step's
+    with the optimizer state the first optimizer step created beside them, op for op; its optimizer step
+    is the traced second one; it ends as the first step ends. Returns the step phases' timeline with the
+    steady step's points in place of the partial ones the nested trace left."""
+    from fitune.memory.tracker import PART_END, Category
+
+    first, end = parts.get("first_step"), parts.get(f"first_step/{PART_END}")
+    if first is None or end is None:
+        return points
+    # the state the first optimizer step created (an optimizer may hold a little from its construction on)
+    before = first.breakdown.get(Category.OPTIMIZER_STATE, 0)
+    state = end.breakdown.get(Category.OPTIMIZER_STATE, 0) - before
+    breakdown = dict(first.breakdown)
+    breakdown[Category.OPTIMIZER_STATE] = before + state
+    parts["steady_step"] = dataclasses.replace(
+        first, bytes=first.bytes + state, breakdown=breakdown, phase="steady_step"
+    )
+    for name in (AFTER_OPTIMIZER, PART_END):  # with the state already there: as the first step's
+        if f"first_step/{name}" in parts:
+            info = parts[f"first_step/{name}"]
+            parts[f"steady_step/{name}"] = dataclasses.replace(
+                info, breakdown=dict(info.breakdown), phase="steady_step"
+            )
+    # the first step's points up to its optimizer step, carrying the state; the traced optimizer step; the
+    # first step's points after its optimizer step
+    first_points = [p for p in points if p.phase == "first_step"]
+    stages = [p.stage for p in first_points]
+    cut = stages.index("optimizer") if "optimizer" in stages else len(stages)
+    resume = len(stages) - stages[::-1].index("optimizer") if "optimizer" in stages else len(stages)
+    shifted = []
+    for p in first_points[:cut]:
+        by_category = dict(p.by_category)
+        by_category[Category.OPTIMIZER_STATE] = by_category.get(Category.OPTIMIZER_STATE, 0) + state
+        shifted.append(
+            dataclasses.replace(
+                p, phase="steady_step", live_bytes=p.live_bytes + state, by_category=by_category
+            )
+        )
+    nested = [p for p in points if p.phase == "steady_step" and p.op != "phase:steady_step"]
+    after = [dataclasses.replace(p, phase="steady_step") for p in first_points[resume:]]
+    return [p for p in points if p.phase != "steady_step"] + shifted + nested + after
 
 
 def _other_phases(recipe, session, source, absent: dict, notes: list) -> dict:

@@ -574,6 +574,9 @@ class MemoryTracker(TorchDispatchMode):
         else:
             key = f"{self._phase}/{self._part}" if self._part else self._phase
         if self.allocator is not None:
+            note = getattr(self.allocator, "note", None)  # an allocator model may keep the parts' order
+            if note is not None:
+                note(key)
             alloc = self._part_alloc.setdefault(key, [0, 0])
             alloc[0] = max(alloc[0], self.allocator.allocated_bytes)
             alloc[1] = max(alloc[1], self.allocator.reserved_bytes)
@@ -696,6 +699,11 @@ class MemoryTracker(TorchDispatchMode):
         self._in_optimizer = None
 
     def _categorize_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        # bitsandbytes' 8-bit optimizers build their quantization maps when constructed (``name2qmap``) and
+        # put them in every parameter's state at the first step: optimizer state from the start
+        for t in tree_leaves(getattr(optimizer, "name2qmap", {})):
+            if isinstance(t, torch.Tensor):
+                self._categorize(t, Category.OPTIMIZER_STATE)
         for state in optimizer.state.values():
             for t in tree_leaves(state):
                 if isinstance(t, torch.Tensor):
