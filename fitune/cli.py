@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from fitune.errors import FituneError, RecipeError
+from fitune.errors import FituneError, RecipeError, RunInterrupted
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Fine-tune open LLMs on the hardware you have."
@@ -23,6 +23,7 @@ EXIT_ERROR = 1  # bad input or environment: the message says what to fix
 EXIT_INVALID_RECIPE = 2
 EXIT_DOCTOR = 3  # preflight found errors (use --force to train anyway)
 EXIT_OOM = 4  # out of memory during training; the guard explained it
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM stopped training (after a checkpoint of the last finished step)
 
 
 def _load(recipe_path: Path):
@@ -94,6 +95,8 @@ def train(
         _fail(exc, EXIT_INVALID_RECIPE)
     except OutOfMemory as exc:
         _fail(exc, EXIT_OOM)
+    except RunInterrupted as exc:
+        _fail(exc, EXIT_INTERRUPTED)
     except FituneError as exc:
         _fail(exc)
     if r.samples.prompts:

@@ -85,3 +85,22 @@ def save_tiny_model(folder: Path, dtype: str = "bf16", **config) -> Path:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     AutoModelForCausalLM.from_config(cfg, dtype=dtypes[dtype]).save_pretrained(str(folder))
     return folder
+
+
+def fail_step_with_out_of_memory(monkeypatch, at_step: int) -> None:
+    """Make the ``at_step``-th training step of the next runs raise the error the CUDA allocator raises."""
+    import torch
+
+    import fitune.trainer.loop as loop
+
+    real = loop.train_step
+    calls = {"n": 0}
+
+    def step(session, batches):
+        calls["n"] += 1
+        if calls["n"] == at_step:
+            # a real allocation failure would come from the allocator; the guard sees the same exception type
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(session, batches)
+
+    monkeypatch.setattr(loop, "train_step", step)

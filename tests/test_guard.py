@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import fitune
@@ -11,28 +10,12 @@ from fitune.cli import EXIT_OOM, app
 from fitune.errors import RunFolderError
 from fitune.trainer.oom import OutOfMemory, cheaper_configurations
 
-from .conftest import tiny_recipe
-
-
-def _oom_at(monkeypatch, at_step: int):
-    import fitune.trainer.loop as loop
-
-    real = loop.train_step
-    calls = {"n": 0}
-
-    def step(session, batches):
-        calls["n"] += 1
-        if calls["n"] == at_step:
-            # a real allocation failure would come from the allocator; the guard sees the same exception type
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(session, batches)
-
-    monkeypatch.setattr(loop, "train_step", step)
+from .conftest import fail_step_with_out_of_memory, tiny_recipe
 
 
 def test_oom_is_explained_against_the_plan_and_checkpoint_survives(tmp_path, monkeypatch):
     recipe = tiny_recipe(tmp_path, output={"dir": str(tmp_path / "run"), "save_every": 2})
-    _oom_at(monkeypatch, 4)
+    fail_step_with_out_of_memory(monkeypatch, 4)
     with pytest.raises(OutOfMemory) as info:
         fitune.train(recipe, max_steps=10, progress=False, echo=lambda *a: None)
     report = info.value.report
@@ -52,7 +35,7 @@ def test_oom_exit_code_from_the_cli(tmp_path, monkeypatch):
     recipe = tiny_recipe(tmp_path)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    _oom_at(monkeypatch, 1)
+    fail_step_with_out_of_memory(monkeypatch, 1)
     result = CliRunner().invoke(app, ["train", str(path), "--max-steps", "3", "--no-progress"])
     assert result.exit_code == EXIT_OOM, result.output
     assert "out of memory in first_step" in result.output
@@ -66,7 +49,7 @@ def test_resume_continues_where_the_run_stopped(tmp_path, monkeypatch):
         echo=lambda *a: None,
     )
     recipe = tiny_recipe(tmp_path / "b", output={"dir": str(tmp_path / "rb"), "save_every": 3})
-    _oom_at(monkeypatch, 5)
+    fail_step_with_out_of_memory(monkeypatch, 5)
     with pytest.raises(OutOfMemory):
         fitune.train(recipe, max_steps=6, progress=False, echo=lambda *a: None)
     monkeypatch.undo()

@@ -158,7 +158,7 @@ def test_adapter_save_load_gives_identical_logits(tmp_path):
 def test_output_folder_with_another_run_is_refused(tmp_path):
     recipe = tiny_recipe(tmp_path)
     fitune.train(recipe, max_steps=1, progress=False, echo=lambda *a: None)
-    with pytest.raises(RunFolderError, match="already holds a run"):
+    with pytest.raises(RunFolderError, match="already holds a finished run; fix: .* --overwrite"):
         fitune.train(recipe, max_steps=1, progress=False, echo=lambda *a: None)
     fitune.train(recipe, max_steps=1, progress=False, echo=lambda *a: None, overwrite=True)
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +18,14 @@ import torch
 from fitune import __version__
 from fitune.data.batching import MicroBatches, batches_per_epoch
 from fitune.data.dataset import TokenizedData, load_dataset
-from fitune.errors import FituneError, RunFolderError
+from fitune.errors import FituneError, RunInterrupted
 from fitune.recipe import Recipe
 from fitune.session import Session, build_session
 from fitune.step import train_step
-from fitune.trainer.checkpoint import load_checkpoint, save_checkpoint
-from fitune.trainer.oom import is_out_of_memory
+from fitune.trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from fitune.trainer.oom import OutOfMemory, is_out_of_memory
 from fitune.trainer.phases import eval_batches, evaluate, generate, oom_guard, save_result
-
-RUN_MARKER = "fitune-run.json"
+from fitune.trainer.runfolder import RunMarker, prepare_run_folder, write_atomic
 
 
 @dataclass
@@ -55,32 +55,6 @@ def memory_in_use(device: torch.device) -> int:
         return 0
 
 
-def prepare_run_folder(recipe: Recipe, overwrite: bool, resume: bool = False) -> Path:
-    out = Path(recipe.output.dir).expanduser()
-    if not out.is_absolute():
-        out = Path.cwd() / out
-    if resume:
-        if not (out / RUN_MARKER).exists():
-            raise RunFolderError(
-                f"--resume: {out} holds no fitune run; fix: check output.dir, or drop --resume"
-            )
-        return out
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            what = (
-                "already holds a run"
-                if (out / RUN_MARKER).exists()
-                else "holds files that are not a fitune run"
-            )
-            raise RunFolderError(
-                f"output.dir: {out} {what}; fix: choose another output.dir, pass --resume to continue a run "
-                "from its last checkpoint, or --overwrite to replace it"
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def total_steps(recipe: Recipe, n_train: int) -> int:
     t = recipe.train
     if t.max_steps is not None:
@@ -103,15 +77,93 @@ def train(
     progress: bool = True,
     echo=print,
 ) -> TrainResult:
-    """Train ``recipe`` to completion (or ``max_steps``) and save the result in ``recipe.output.dir``."""
+    """Train ``recipe`` to completion (or ``max_steps``) and save the result in ``recipe.output.dir``.
+
+    ``fitune-run.json`` in the folder tells the run's state at every moment (``fitune/trainer/runfolder.py``).
+    Ctrl-C or SIGTERM during the steps stops after the current step, writes a checkpoint and raises
+    ``RunInterrupted``; elsewhere, or a second signal, stops at once.
+    """
     if recipe.data is None:
         raise FituneError("data: the recipe has no data section; fix: add data.path (a JSONL file) to train")
-    torch.manual_seed(recipe.train.seed)
     out = prepare_run_folder(recipe, overwrite, resume)
+    run = RunMarker(out, resumed=resume)
     if not resume:
-        (out / RUN_MARKER).write_text(json.dumps({"fitune_version": __version__, "status": "running"}))
-        (out / "recipe.resolved.yaml").write_text(recipe.to_yaml())
+        write_atomic(out / "recipe.resolved.yaml", recipe.to_yaml())
+    with _Signals(echo) as signals:
+        try:
+            return _run(recipe, out, run, signals, max_steps, resume, progress, echo)
+        except OutOfMemory as exc:
+            run.write("out_of_memory", phase=exc.report.phase, error=_message(exc), **_last_checkpoint(out))
+            raise
+        except RunInterrupted as exc:
+            exc.phase = exc.phase or run.phase
+            run.write("interrupted", phase=exc.phase, signal=exc.signal_name, **_last_checkpoint(out))
+            raise exc.described(out) from None
+        except KeyboardInterrupt:  # raised by code other than fitune's handler (a notebook, a debugger)
+            run.write("interrupted", phase=run.phase, signal="SIGINT", **_last_checkpoint(out))
+            raise RunInterrupted("SIGINT", run.phase).described(out) from None
+        except BaseException as exc:
+            oom = is_out_of_memory(exc) or is_out_of_memory(exc.__cause__)
+            status = "out_of_memory" if oom else "failed"
+            run.write(status, phase=run.phase, error=_message(exc), **_last_checkpoint(out))
+            raise
 
+
+def _message(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) < 2000 else text[:2000] + "..."
+
+
+def _last_checkpoint(out: Path) -> dict:
+    found = find_checkpoint(out)
+    return {"checkpoint_step": found[1] if found else None}
+
+
+class _Signals:
+    """SIGINT and SIGTERM while training: inside the steps, stop after the current one (``pending``);
+    elsewhere, or at a second signal, at once. Installed from the main thread only (Python's rule)."""
+
+    def __init__(self, echo):
+        self.echo = echo
+        self.pending: str | None = None
+        self.deferring = False
+        self.previous: dict = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.deferring and self.pending is None:
+            self.pending = name
+            self.echo(f"  {name}: stopping after this step with a checkpoint (send it again to stop at once)")
+            return
+        raise RunInterrupted(name, "")
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop the rows a stopped run wrote after its checkpoint: the resumed run writes them again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a row cut short by a crash
+    write_atomic(path, "".join(kept))
+
+
+def _run(recipe, out, run, signals, max_steps, resume, progress, echo) -> TrainResult:
+    torch.manual_seed(recipe.train.seed)
     from fitune.models import sources
     from fitune.models.tokenizers import load_tokenizer
 
@@ -119,6 +171,7 @@ def train(
     tokenizer = load_tokenizer(source, source.config)
     data = load_dataset(recipe, tokenizer)
     steps = max_steps or total_steps(recipe, len(data.train))
+    run.phase = "load"
     try:
         session = build_session(recipe, total_steps=steps, source=source, with_tokenizer=False)
     except RuntimeError as exc:
@@ -130,6 +183,8 @@ def train(
         raise
     session.tokenizer = tokenizer
     first_step = load_checkpoint(session, out) + 1 if resume else 1
+    if resume:
+        _truncate_metrics(out / "metrics.jsonl", first_step - 1)
     pad_id = tokenizer.pad_token_id
     echo(
         f"fitune {__version__}: {source.description}, {recipe.method.kind}, {len(data.train)} train / "
@@ -141,9 +196,11 @@ def train(
         echo(f"  skipped {line}")
 
     prompts = recipe.samples.prompts
+    run.phase = "samples"
     samples_before = generate(session, prompts, recipe.samples.max_new_tokens) if prompts else []
 
     eval_losses: dict[int, float] = {}
+    run.phase = "eval"
     first = _eval(session, data, pad_id, 0)
     if first is not None:
         eval_losses[0] = first
@@ -163,11 +220,13 @@ def train(
     try:
         if bar:
             bar.start()
+        signals.deferring = True  # a signal now stops the run after the step it arrives in
         for step in range(first_step, steps + 1):
             group = [next(it) for _ in range(recipe.train.grad_accum)]
             n_tok = sum(b.num_tokens for b in group)
             t0 = time.perf_counter()
-            with oom_guard(session, "first_step" if step == first_step else "steady_step", step):
+            run.phase = "first_step" if step == first_step else "steady_step"
+            with oom_guard(session, run.phase, step):
                 loss = float(train_step(session, group))
             dt = time.perf_counter() - t0
             if not math.isfinite(loss):
@@ -187,13 +246,15 @@ def train(
                 "memory_bytes": memory_in_use(session.device),
             }
             if recipe.train.eval_every and step % recipe.train.eval_every == 0 and step != steps:
+                run.phase = "eval"
                 ev = _eval(session, data, pad_id, step)
                 if ev is not None:
                     eval_losses[step] = row["eval_loss"] = ev
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             every = recipe.output.save_every
-            if every and step % every == 0 and step != steps:
+            if (every and step % every == 0 or signals.pending) and step != steps:
+                run.phase = "checkpoint"
                 with oom_guard(session, "checkpoint", step):
                     save_checkpoint(session, out, step)
             if bar:
@@ -205,16 +266,22 @@ def train(
                 )
             elif step % recipe.train.log_every == 0:
                 echo(f"  step {step}/{steps} loss {loss:.4f} {tokens_per_second(tokens, seconds):,.0f} tok/s")
+            if signals.pending and step != steps:
+                raise RunInterrupted(signals.pending, run.phase, step)
     finally:
+        signals.deferring = False
         if bar:
             bar.stop()
         metrics.close()
 
+    run.phase = "eval"
     last = _eval(session, data, pad_id, steps)
     if last is not None:
         eval_losses[steps] = last
         echo(f"  eval loss after training: {last:.4f}")
+    run.phase = "samples"
     samples_after = generate(session, prompts, recipe.samples.max_new_tokens) if prompts else []
+    run.phase = "save"
     saved = save_result(session, out)
     result = TrainResult(
         losses=losses,
@@ -226,17 +293,15 @@ def train(
         samples_after=samples_after,
         truncated_examples=data.truncated,
     )
-    summary = {
-        "fitune_version": __version__,
-        "status": "done",
-        "steps": steps,
-        "final_loss": losses[-1] if losses else None,
-        "eval_losses": eval_losses,
-        "tokens_per_second": result.tokens_per_second,
-        "saved": str(saved.relative_to(out)),
-        "truncated_examples": data.truncated,
-    }
-    (out / RUN_MARKER).write_text(json.dumps(summary, indent=2))
+    run.write(
+        "done",
+        steps=steps,
+        final_loss=losses[-1] if losses else None,
+        eval_losses=eval_losses,
+        tokens_per_second=result.tokens_per_second,
+        saved=str(saved.relative_to(out)),
+        truncated_examples=data.truncated,
+    )
     return result
 
 
