@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -180,6 +181,26 @@ def _accumulating_recipe(tmp_path: Path, name: str, **output) -> dict:
     return recipe
 
 
+def _random_recipe(tmp_path: Path, name: str, **output) -> dict:
+    """LoRA dropout and gradient accumulation: a resumed run is exact only with every RNG state restored."""
+    recipe = _accumulating_recipe(tmp_path, name, **output)
+    recipe["method"]["dropout"] = 0.1
+    return recipe
+
+
+def test_resume_with_dropout_and_accumulation_is_exact(tmp_path, monkeypatch):
+    straight = fitune.train(_random_recipe(tmp_path, "a"), max_steps=18, **QUIET)
+    recipe = _random_recipe(tmp_path, "b", save_every=3)
+    fail_step_with_out_of_memory(monkeypatch, 17)  # past an epoch (48 examples, 4 a step)
+    with pytest.raises(OutOfMemory):
+        fitune.train(recipe, max_steps=18, **QUIET)
+    monkeypatch.undo()
+    resumed = fitune.train(recipe, max_steps=18, resume=True, **QUIET)
+    assert resumed.losses == straight.losses[15:]  # equal to the bit
+    # metrics.jsonl: every step once, the resumed ones after the checkpoint's (rounded as written)
+    assert _losses(tmp_path / "b" / "run") == [round(x, 6) for x in straight.losses]
+
+
 def test_resume_takes_the_old_checkpoint_when_a_crash_struck_between_the_renames(tmp_path, monkeypatch):
     straight = fitune.train(_accumulating_recipe(tmp_path, "a"), max_steps=8, **QUIET)
     recipe = _accumulating_recipe(tmp_path, "b", save_every=2)
@@ -228,6 +249,27 @@ def _wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: fl
     pytest.fail(f"no step {step} within {timeout} s")
 
 
+@pytest.mark.limits(timeout_s=300)  # seven training processes, one after the other
+def test_sigkill_at_a_random_step_then_resume_gives_every_loss_to_the_bit(tmp_path):
+    straight = _cli(_random_recipe(tmp_path, "straight", save_every=2), tmp_path / "straight")
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+    expected = _losses(tmp_path / "straight" / "run")
+    assert len(expected) == STEPS
+    for seed in (1, 2, 3):
+        name = f"killed-{seed}"
+        recipe = _random_recipe(tmp_path, name, save_every=2)
+        out = tmp_path / name / "run"
+        proc = _cli(recipe, tmp_path / name)
+        _wait_for_step(proc, out / "metrics.jsonl", random.Random(seed).randint(3, STEPS - 10))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert _marker(out)["status"] == "running"  # a killed process cannot say more; its pid is gone
+        resumed = _cli(recipe, tmp_path / name, "--resume")
+        assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+        assert _losses(out) == expected, f"seed {seed}"
+
+
+@pytest.mark.limits(timeout_s=300)  # four training processes
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_documented_code(tmp_path):
     recipe = _accumulating_recipe(tmp_path, "t")  # no save_every: the interruption writes the checkpoint
     out = tmp_path / "t" / "run"

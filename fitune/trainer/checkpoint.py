@@ -1,5 +1,8 @@
-"""Checkpoints: trainable weights, optimizer and schedule state, and the step, written so that a complete
-one is always on disk.
+"""Checkpoints: trainable weights, optimizer and schedule state, the step and the random generators'
+states (torch CPU and CUDA, Python's ``random``, NumPy's when loaded), written so that a complete one is
+always on disk. With them a resumed run draws the same dropout masks as the uninterrupted one and repeats its
+losses bit for bit on the same machine; the data position follows from the step (the sampler has its own
+seeded generator, replayed by the loop).
 
 A checkpoint is written into a temporary folder, every file fsynced, ``state.json`` last (a folder without it
 is incomplete and never used). Then it is swapped in: the previous checkpoint is renamed to
@@ -13,14 +16,18 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 CHECKPOINT = "checkpoint"
 OLD = ".checkpoint-old"
+RNG_FILE = "rng.safetensors"
 
 
 def _fsync(path: Path) -> None:
@@ -60,6 +67,39 @@ def checkpoint_state(session) -> tuple[dict[str, torch.Tensor], dict, dict]:
     return weights, session.optimizer.state_dict(), session.scheduler.state_dict()
 
 
+def rng_states() -> tuple[dict[str, torch.Tensor], dict]:
+    """The random generators' states: torch's as tensors, Python's and NumPy's as JSON-able values."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = state
+    version, internal, gauss = random.getstate()
+    plain: dict = {"python": [version, list(internal), gauss]}
+    np = sys.modules.get("numpy")  # fitune draws nothing from NumPy; a library it drives might
+    if np is not None:
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        plain["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    return tensors, plain
+
+
+def set_rng_states(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda_keys = sorted(
+        (k for k in tensors if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1])
+    )
+    cuda = [tensors[k] for k in cuda_keys]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    if "python" in plain:
+        version, internal, gauss = plain["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in plain:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = plain["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
 def save_checkpoint(session, out: Path, step: int) -> Path:
     from safetensors.torch import save_file
 
@@ -71,8 +111,10 @@ def save_checkpoint(session, out: Path, step: int) -> Path:
         weights, optimizer, scheduler = checkpoint_state(session)
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer, "scheduler": scheduler}, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step}))
-        for name in ("trainable.safetensors", "optimizer.pt", "state.json", "."):
+        rng_tensors, rng_plain = rng_states()
+        save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / RNG_FILE))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "rng": rng_plain}))
+        for name in ("trainable.safetensors", "optimizer.pt", RNG_FILE, "state.json", "."):
             _fsync(tmp / name)
         old = out / OLD
         if _step_of(target) is not None:
@@ -88,8 +130,10 @@ def save_checkpoint(session, out: Path, step: int) -> Path:
     return target
 
 
-def load_checkpoint(session, out: Path) -> int:
-    """Restore a session from the checkpoint in ``out`` (``find_checkpoint``); returns its step."""
+def load_checkpoint(session, out: Path) -> tuple[int, Callable[[], None]]:
+    """Restore a session from the checkpoint in ``out`` (``find_checkpoint``). Returns its step and a
+    function that sets the random generators to their saved states: call it just before the next step,
+    after whatever draws from them at start-up (samples, the first eval)."""
     from safetensors.torch import load_file
 
     from fitune.errors import RunFolderError
@@ -115,4 +159,11 @@ def load_checkpoint(session, out: Path) -> int:
     state = torch.load(folder / "optimizer.pt", map_location=session.device, weights_only=True)
     session.optimizer.load_state_dict(state["optimizer"])
     session.scheduler.load_state_dict(state["scheduler"])
-    return step
+    saved = json.loads((folder / "state.json").read_text())
+    rng_tensors = load_file(str(folder / RNG_FILE)) if (folder / RNG_FILE).is_file() else None
+
+    def restore_rng() -> None:
+        if rng_tensors is not None:  # checkpoints of earlier versions have none
+            set_rng_states(rng_tensors, saved.get("rng", {}))
+
+    return step, restore_rng

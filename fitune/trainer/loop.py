@@ -182,7 +182,8 @@ def _run(recipe, out, run, signals, max_steps, resume, progress, echo) -> TrainR
             ) from exc
         raise
     session.tokenizer = tokenizer
-    first_step = load_checkpoint(session, out) + 1 if resume else 1
+    first_step, restore_rng = load_checkpoint(session, out) if resume else (0, lambda: None)
+    first_step += 1
     if resume:
         _truncate_metrics(out / "metrics.jsonl", first_step - 1)
     pad_id = tokenizer.pad_token_id
@@ -221,6 +222,7 @@ def _run(recipe, out, run, signals, max_steps, resume, progress, echo) -> TrainR
         if bar:
             bar.start()
         signals.deferring = True  # a signal now stops the run after the step it arrives in
+        restore_rng()  # a resumed run draws on from where the checkpointed one stood
         for step in range(first_step, steps + 1):
             group = [next(it) for _ in range(recipe.train.grad_accum)]
             n_tok = sum(b.num_tokens for b in group)
