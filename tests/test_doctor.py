@@ -36,6 +36,7 @@ GEMMA2 = {
     "vocab_size": 256000,
     "attn_logit_softcapping": 50.0,
 }
+ROPE_LINEAR = {**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
 GPT2 = {
     "model_type": "gpt2",
     "n_embd": 128,
@@ -264,7 +265,11 @@ CASES = {
         ctx({"model.config": GPT2, "train.seq_len": 2048}),
         ctx({"model.config": GPT2, "train.seq_len": 1024}),
     ),
-    "seq-len-beyond-context": lambda t: (ctx({"train.seq_len": 4096}), ctx({"train.seq_len": 2048})),
+    "seq-len-beyond-max-positions": lambda t: (ctx({"train.seq_len": 4096}), ctx({"train.seq_len": 2048})),
+    "seq-len-beyond-context": lambda t: (
+        ctx({"train.seq_len": 4096, "model.config": ROPE_LINEAR}),
+        ctx({"train.seq_len": 2048, "model.config": ROPE_LINEAR}),
+    ),
     "chunked-loss-small-vocab": lambda t: (
         ctx({"train.loss_chunk": 256, "model.config": {**LLAMA, "vocab_size": 256}}),
         ctx({"train.loss_chunk": 256}),
@@ -381,7 +386,7 @@ def test_errors_come_first():
 
 def test_recipe_only_checks_without_environment():
     findings = run_rules(ctx({"train.seq_len": 4096, **FA2}, None))
-    assert _ids(findings) == ["seq-len-beyond-context"]
+    assert _ids(findings) == ["seq-len-beyond-max-positions"]
 
 
 def test_given_model_config_overrides_the_inline_one():

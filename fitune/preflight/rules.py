@@ -204,6 +204,25 @@ def max_positions(ctx: DoctorContext) -> int | None:
     return config_int(ctx, "max_position_embeddings", "n_positions")
 
 
+def rope_scaled(ctx: DoctorContext) -> bool:
+    """The config scales rotary positions (``rope_scaling``, or transformers 5's ``rope_parameters`` with a
+    type other than the default)."""
+    cfg = config(ctx)
+    if cfg.get("rope_scaling"):
+        return True
+    params = cfg.get("rope_parameters")
+    return isinstance(params, dict) and params.get("rope_type", "default") != "default"
+
+
+def beyond_rotary_context(ctx: DoctorContext) -> bool:
+    """seq_len past max_position_embeddings on a model with rotary (not learned) positions."""
+    return (
+        model_type(ctx) not in LEARNED_POSITIONS
+        and max_positions(ctx) is not None
+        and ctx.recipe.train.seq_len > max_positions(ctx)
+    )
+
+
 def narrowest(ctx: DoctorContext) -> int | None:
     """Smallest input/output width among the attention projections (k/v are narrow under GQA)."""
     hidden, dim = config_int(ctx, "hidden_size", "n_embd"), head_dim(ctx)
@@ -473,6 +492,7 @@ DEVICE_ORDINAL = gh("HRNet/HRNet-Semantic-Segmentation#171", "yunqing-me/Waterma
 LORA_SCALE = gh("microsoft/LoRA#101", "unslothai/unsloth#1304", "QwenLM/Qwen#785")
 LORA_RANK = gh("huggingface/diffusers#4593")
 POSITIONS = gh("huggingface/transformers#1726", "Pan-ML/panml#59")
+ROPE_CONTEXT = gh("unslothai/unsloth#406", "unslothai/unsloth#25")
 CHUNKED_LOSS = gh("huggingface/trl#5575", "meta-pytorch/torchtune#1390", "huggingface/transformers#15466")
 EVAL_SPLIT = gh("ml-explore/mlx-examples#236", "huggingface/transformers#22934")
 
@@ -949,19 +969,27 @@ RULES: list[Rule] = [
         source=POSITIONS,
     ),
     Rule(
+        id="seq-len-beyond-max-positions",
+        severity="error",
+        title="seq_len beyond max_position_embeddings without rope scaling",
+        applies=lambda c: beyond_rotary_context(c) and not rope_scaled(c),
+        message="train.seq_len {seq_len} exceeds this model's max_position_embeddings {max_pos}, and its "
+        "config scales no rotary positions (no rope_scaling): positions past {max_pos} were never trained, "
+        "so quality degrades and memory is spent on a length the model cannot use",
+        fix=lambda c: {"train.seq_len": max(8, max_positions(c))},
+        fix_text="lower train.seq_len to {max_pos}, or use a long-context variant of the model",
+        source=ROPE_CONTEXT + POSITIONS[:1],
+    ),
+    Rule(
         id="seq-len-beyond-context",
         severity="warning",
-        title="seq_len beyond the model's trained context",
-        applies=lambda c: (
-            model_type(c) not in LEARNED_POSITIONS
-            and max_positions(c) is not None
-            and c.recipe.train.seq_len > max_positions(c)
-        ),
-        message="train.seq_len {seq_len} exceeds max_position_embeddings {max_pos}: rotary positions past "
-        "the trained context are untested, so quality degrades and memory is spent on unusable length",
+        title="seq_len beyond the model's trained context, with rope scaling",
+        applies=lambda c: beyond_rotary_context(c) and rope_scaled(c),
+        message="train.seq_len {seq_len} exceeds max_position_embeddings {max_pos}; the config's rope "
+        "scaling stretches the positions, but quality past the trained context is untested",
         fix=lambda c: {"train.seq_len": max(8, max_positions(c))},
-        fix_text="set train.seq_len: {max_pos}, or use a long-context variant of the model",
-        source=POSITIONS,
+        fix_text="set train.seq_len: {max_pos}, or check the quality of long examples after training",
+        source=ROPE_CONTEXT,
     ),
     Rule(
         id="chunked-loss-small-vocab",
