@@ -281,7 +281,8 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_documented_code(
     marker = _marker(out)
     assert marker["status"] == "interrupted" and marker["signal"] == "SIGTERM"
     step = marker["checkpoint_step"]
-    assert step >= 5 and "interrupted by SIGTERM after step" in " ".join(output.split())
+    assert step is not None and step >= 5, output
+    assert "interrupted by SIGTERM after step" in " ".join(output.split()), output
     assert "--resume" in output
     again = _cli(recipe, tmp_path / "t")  # a plain re-run would throw the checkpoint away: refused
     assert again.wait(timeout=120) == EXIT_ERROR

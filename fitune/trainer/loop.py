@@ -227,7 +227,7 @@ def _run(recipe, out, run, signals, max_steps, resume, progress, echo) -> TrainR
             group = [next(it) for _ in range(recipe.train.grad_accum)]
             n_tok = sum(b.num_tokens for b in group)
             t0 = time.perf_counter()
-            run.phase = "first_step" if step == first_step else "steady_step"
+            run.phase = step_phase = "first_step" if step == first_step else "steady_step"
             with oom_guard(session, run.phase, step):
                 loss = float(train_step(session, group))
             dt = time.perf_counter() - t0
@@ -254,8 +254,10 @@ def _run(recipe, out, run, signals, max_steps, resume, progress, echo) -> TrainR
                     eval_losses[step] = row["eval_loss"] = ev
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
+            # one look per step: a signal arriving after it stops the run after the next step
+            stop = signals.pending if step != steps else None
             every = recipe.output.save_every
-            if (every and step % every == 0 or signals.pending) and step != steps:
+            if (every and step % every == 0 or stop) and step != steps:
                 run.phase = "checkpoint"
                 with oom_guard(session, "checkpoint", step):
                     save_checkpoint(session, out, step)
@@ -268,8 +270,8 @@ def _run(recipe, out, run, signals, max_steps, resume, progress, echo) -> TrainR
                 )
             elif step % recipe.train.log_every == 0:
                 echo(f"  step {step}/{steps} loss {loss:.4f} {tokens_per_second(tokens, seconds):,.0f} tok/s")
-            if signals.pending and step != steps:
-                raise RunInterrupted(signals.pending, run.phase, step)
+            if stop:
+                raise RunInterrupted(stop, step_phase, step)
     finally:
         signals.deferring = False
         if bar:
