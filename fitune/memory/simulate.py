@@ -212,14 +212,13 @@ def simulate(
         ) from exc
     parts = tracker.part_peak_infos()
     part_alloc = tracker.part_allocator_peaks()
-    points = [p for p in tracker.timeline if p.phase in STEP_PHASES]
+    host_peaks = tracker.host_phase_peaks()
     if steps and not steady_step_in_full:
-        points = _steady_from_first(parts, points)
-        host_peaks = tracker.host_phase_peaks()
+        steady_points = _steady_from_first(parts, tracker.timeline)
         if "first_step" in host_peaks:
             host_peaks["steady_step"] = dict(host_peaks["first_step"])
     else:
-        host_peaks = tracker.host_phase_peaks()
+        steady_points = [p for p in tracker.timeline if p.phase == "steady_step"]
     # Beyond two micro-batches, gradient accumulation repeats the same forward and backward over buffers that
     # already exist; only the waiting micro-batches (host memory, where host is the device) add bytes, until
     # the step lets its group go (before its end, as fitune.measure does).
@@ -248,8 +247,7 @@ def simulate(
             "live_bytes": p.live_bytes,
             "by_category": _by_name(p.by_category),
         }
-        for p in points
-        if p.phase == "steady_step"
+        for p in steady_points
     ]
     overall = largest(infos.values())
     return Simulation(
@@ -409,13 +407,12 @@ def _replay_steady(recorder: _StepRecorder, tracker) -> tuple[int, int]:
 def _steady_from_first(parts: dict, points: list) -> list:
     """The steady step from the first: its micro-batches (and the clipping after them) are the first step's
     with the optimizer state the first optimizer step created beside them, op for op; its optimizer step
-    is the traced second one; it ends as the first step ends. Returns the step phases' timeline with the
-    steady step's points in place of the partial ones the nested trace left."""
+    is the traced second one; it ends as the first step ends. Returns the steady step's timeline points."""
     from fitune.memory.tracker import PART_END, Category
 
     first, end = parts.get("first_step"), parts.get(f"first_step/{PART_END}")
     if first is None or end is None:
-        return points
+        return [p for p in points if p.phase == "steady_step"]
     # the state the first optimizer step created (an optimizer may hold a little from its construction on)
     before = first.breakdown.get(Category.OPTIMIZER_STATE, 0)
     state = end.breakdown.get(Category.OPTIMIZER_STATE, 0) - before
@@ -447,7 +444,7 @@ def _steady_from_first(parts: dict, points: list) -> list:
         )
     nested = [p for p in points if p.phase == "steady_step" and p.op != "phase:steady_step"]
     after = [dataclasses.replace(p, phase="steady_step") for p in first_points[resume:]]
-    return [p for p in points if p.phase != "steady_step"] + shifted + nested + after
+    return shifted + nested + after
 
 
 def _other_phases(recipe, session, source, absent: dict, notes: list) -> dict:

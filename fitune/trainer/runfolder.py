@@ -31,7 +31,6 @@ from fitune.errors import RunFolderError
 from fitune.trainer.checkpoint import find_checkpoint
 
 RUN_MARKER = "fitune-run.json"
-FINISHED = ("done", "failed", "interrupted", "out_of_memory")
 
 
 def _now() -> str:
@@ -152,7 +151,8 @@ def prepare_run_folder(recipe, overwrite: bool, resume: bool = False) -> Path:
 
 
 class RunMarker:
-    """The live marker of this run: ``running`` from the start, one of FINISHED at the end."""
+    """The live marker of this run: ``running`` from the start; done, failed, interrupted or out_of_memory at
+    the end."""
 
     def __init__(self, out: Path, resumed: bool):
         self.out = out
