@@ -89,7 +89,7 @@ def train(
             overwrite=overwrite,
             resume=resume,
             progress=not no_progress,
-            echo=console.print,
+            echo=lambda line: console.print(line, markup=False, highlight=False),
         )
     except RecipeError as exc:
         _fail(exc, EXIT_INVALID_RECIPE)
@@ -449,14 +449,16 @@ def measure(
 
 
 def _print_findings(findings) -> None:
-    if not findings:
+    from rich.markup import escape
+
+    if not any(f.severity != "note" for f in findings):
         console.print("[green]no problems found[/]")
-        return
     for f in findings:
-        color = "red" if f.severity == "error" else "yellow"
-        console.print(f"[bold {color}]{f.severity}[/] [{f.rule_id}]", end=" ", highlight=False)
-        console.print(f.message, markup=False, highlight=False)
-        console.print(f"    fix: {f.fix_text}", markup=False, highlight=False)
+        color = {"error": "red", "warning": "yellow"}.get(f.severity, "blue")
+        console.print(f"[bold {color}]{f.severity}[/] {escape(f'[{f.rule_id}]')}", end=" ", highlight=False)
+        console.print(f.message, markup=False, highlight=False, soft_wrap=True)
+        if f.fix_text != "none needed":
+            console.print(f"    fix: {f.fix_text}", markup=False, highlight=False)
         if f.fix:
             change = ", ".join(f"{k}: {v}" for k, v in f.fix.items())
             console.print(f"    recipe change: {change}", markup=False, highlight=False)

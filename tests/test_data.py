@@ -86,7 +86,7 @@ def test_no_assistant_turn_is_an_error(tmp_path, tok):
 def test_empty_dataset_and_missing_file(tmp_path, tok):
     empty = tmp_path / "e.jsonl"
     empty.write_text("\n")
-    with pytest.raises(DataError, match="no examples"):
+    with pytest.raises(DataError, match=rf"data.path: {empty} is empty"):
         load_dataset(_recipe(empty), tok)
     with pytest.raises(DataError, match="file not found"):
         load_dataset(_recipe(tmp_path / "missing.jsonl"), tok)

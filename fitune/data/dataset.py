@@ -6,8 +6,12 @@ whose pad token equals its eos token still teaches the model to emit eos at the 
 
 from __future__ import annotations
 
+import codecs
 import json
+import math
 import random
+from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +27,33 @@ class Example:
 
 
 @dataclass
+class Lengths:
+    """Token lengths of a dataset's examples against ``train.seq_len``."""
+
+    seq_len: int
+    tokens: array = field(default_factory=lambda: array("I"))  # tokens per example, before truncation
+    truncated: int = 0  # examples longer than seq_len + 1 tokens (inputs and shifted targets span seq_len)
+    no_target: int = 0  # examples without a target within the kept tokens (load_dataset drops them)
+
+    def add(self, n_tokens: int, has_target: bool) -> None:
+        self.tokens.append(n_tokens)
+        self.truncated += n_tokens > self.seq_len + 1
+        self.no_target += not has_target
+
+    def quantile(self, q: float) -> int:
+        """The ``q`` quantile of the token lengths (nearest rank)."""
+        ordered = sorted(self.tokens)
+        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+    def summary(self) -> str:
+        n = len(self.tokens)
+        return (
+            f"tokens per example over {n} examples: min {min(self.tokens)}, median {self.quantile(0.5)}, "
+            f"p95 {self.quantile(0.95)}, max {max(self.tokens)}"
+        )
+
+
+@dataclass
 class TokenizedData:
     train: list[Example]
     eval: list[Example]
@@ -30,36 +61,73 @@ class TokenizedData:
     truncated: int = 0  # examples longer than seq_len, cut
     skipped_lines: list[str] = field(default_factory=list)  # "file:line: reason" when on_bad_line=skip
     dropped_no_target: int = 0  # examples whose targets were all cut away by truncation
+    lengths: Lengths | None = None  # token lengths before truncation
 
 
-def read_jsonl(path: Path, on_bad_line: str = "error") -> tuple[list[tuple[int, dict]], list[str]]:
-    """Rows with their 1-based line numbers; a corrupt line raises (or is listed, with on_bad_line=skip)."""
+def check_data_path(path: Path) -> None:
+    """A clear ``data.path`` error for a missing file or a folder."""
+    if path.is_dir():
+        raise DataError(
+            f"data.path: {path} is a folder, not a file; fix: name the JSONL file inside it "
+            "(one example per line)"
+        )
     if not path.is_file():
         raise DataError(
             f"data.path: file not found: {path}; fix: check the path (relative paths resolve "
             "against the recipe's folder)"
         )
-    rows, skipped = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+
+
+def iter_jsonl(
+    path: Path, progress: Callable[[int], None] | None = None
+) -> Iterator[tuple[int, dict | None, str | None]]:
+    """Stream ``(line number, row, None)`` or ``(line number, None, problem)`` for each non-blank line.
+
+    The file is read in binary and decoded per line, so a UTF-8 BOM, CRLF endings and blank lines are
+    accepted and invalid UTF-8 is reported by line and by the bad byte's offset within the file (0-based).
+    One line is in memory at a time; ``progress`` is called with the bytes read so far. Raises for a missing
+    file, a folder, or a file without a single non-blank line.
+    """
+    check_data_path(path)
+    offset = 0  # bytes of the file before the current line
+    seen = False
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            if progress is not None:
+                progress(offset)
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw, start = raw[len(codecs.BOM_UTF8) :], start + len(codecs.BOM_UTF8)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                seen = True
+                yield (
+                    lineno,
+                    None,
+                    f"{path}:{lineno}: invalid UTF-8 at byte {start + exc.start} of the file "
+                    f"(byte {exc.start} of the line: {raw[exc.start : exc.start + 1]!r})",
+                )
+                continue
             if not line.strip():
                 continue
+            seen = True
             try:
                 row = json.loads(line)
                 if not isinstance(row, dict):
                     raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            except (json.JSONDecodeError, ValueError) as exc:
-                problem = f"{path}:{lineno}: not a valid JSON object ({exc})"
-                if on_bad_line == "skip":
-                    skipped.append(problem)
-                    continue
-                raise DataError(
-                    problem + "; fix: repair or remove the line, or set data.on_bad_line: skip"
-                ) from None
-            rows.append((lineno, row))
-    if not rows:
-        raise DataError(f"{path}: the dataset has no examples; fix: add JSONL lines")
-    return rows, skipped
+            except ValueError as exc:  # json.JSONDecodeError is a ValueError
+                yield lineno, None, f"{path}:{lineno}: not a valid JSON object ({exc})"
+                continue
+            yield lineno, row, None
+    if not seen:
+        raise DataError(
+            f"data.path: {path} is empty (no JSONL lines); fix: add one example per line, or point "
+            "data.path at the right file"
+        )
+
+
+BAD_LINE_FIX = "; fix: repair the line (one JSON object, UTF-8) or remove it, or set data.on_bad_line: skip"
 
 
 def detect_format(row: dict) -> str | None:
@@ -110,17 +178,101 @@ def tokenize_messages(tokenizer, messages: list[dict], where: str) -> Example:
     return Example(list(enc["input_ids"]), mask)
 
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _shown(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check_messages(messages, where: str) -> None:
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}}")
-    for j, m in enumerate(messages):
+        raise DataError(
+            f"{where}: `messages` must be a non-empty list of {{role, content}}, got {_shown(messages)}; "
+            "fix: write the conversation as a list of messages"
+        )
+    for j, m in enumerate(messages, 1):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{where}: message {j + 1} needs `role` and `content`, got {m!r}")
+            raise DataError(
+                f"{where}: message {j} needs `role` and `content`, got {_shown(m)}; fix: give every message "
+                "both, or set data.on_bad_line: skip"
+            )
+        if m["role"] not in ROLES:
+            raise DataError(
+                f"{where}: message {j} has role {_shown(m['role'])}, not one of {', '.join(ROLES)}; "
+                "fix: use one of those roles, or set data.on_bad_line: skip"
+            )
+        if not isinstance(m["content"], str):
+            raise DataError(
+                f"{where}: message {j} ({m['role']}) has content {_shown(m['content'])} of type "
+                f"{type(m['content']).__name__}, not a string; fix: write the content as a JSON string, "
+                "or set data.on_bad_line: skip"
+            )
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(
             f"{where}: the conversation has no assistant turn, so nothing would be learned from it; "
             "fix: add an assistant message or remove the line"
         )
+
+
+def row_content(row: dict, fmt: str, where: str) -> list[dict] | str:
+    """What a row trains on: its conversation (messages, alpaca) or its text; a bad row raises, naming ``where``.
+
+    The one row check: the doctor's data scan and ``load_dataset`` both call it, so they cannot disagree.
+    """
+    if fmt == "messages":
+        _check_messages(row.get("messages"), where)
+        return row["messages"]
+    if fmt == "alpaca":
+        missing = [key for key in ("instruction", "output") if key not in row]
+        if missing:
+            raise DataError(
+                f"{where}: alpaca rows need `instruction` and `output`; missing {', '.join(missing)} "
+                f"(keys {sorted(row)}); fix: add them, or set data.format to the format of this file"
+            )
+        for key in ("instruction", "input", "output"):
+            value = row.get(key)
+            if value is not None and not isinstance(value, str):
+                raise DataError(
+                    f"{where}: alpaca `{key}` is {_shown(value)} of type {type(value).__name__}, not a "
+                    "string; fix: write it as a JSON string, or set data.on_bad_line: skip"
+                )
+        messages = alpaca_to_messages(row)
+        _check_messages(messages, where)
+        return messages
+    if not isinstance(row.get("text"), str):
+        raise DataError(
+            f"{where}: text rows need a string `text`; got {_shown(row.get('text'))} (keys {sorted(row)}); "
+            "fix: add a `text` string, or set data.format to the format of this file"
+        )
+    return row["text"]
+
+
+def format_of(path: Path, lineno: int, row: dict, fmt: str | None) -> str:
+    """The set format, or the one the first row shows; a row that shows none raises."""
+    fmt = fmt or detect_format(row)
+    if fmt is None:
+        raise DataError(
+            f"{path}:{lineno}: cannot tell the format (keys {sorted(row)}); fix: set data.format to "
+            "messages (a `messages` list), alpaca (`instruction`, `output`) or text (`text`)"
+        )
+    return fmt
+
+
+def check_template(fmt: str, tokenizer) -> None:
+    if fmt in ("messages", "alpaca") and not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"data.format {fmt} needs a chat template, and the tokenizer has none; fix: set model.tokenizer to "
+            "an instruct model's tokenizer, or use data.format: text"
+        )
+
+
+def tokenize_row(tokenizer, content: list[dict] | str, where: str) -> Example:
+    """Tokenize what ``row_content`` returned."""
+    if isinstance(content, str):
+        return tokenize_text(tokenizer, content)
+    return tokenize_messages(tokenizer, content, where)
 
 
 def tokenize_text(tokenizer, text: str) -> Example:
@@ -136,50 +288,36 @@ def load_dataset(recipe, tokenizer) -> TokenizedData:
     spec = recipe.data
     assert spec is not None
     path = recipe.resolve_path(spec.path)
-    rows, skipped = read_jsonl(path, spec.on_bad_line)
-    fmt = spec.format or detect_format(rows[0][1])
-    if fmt is None:
-        raise DataError(
-            f"{path}:{rows[0][0]}: cannot tell the format (keys {sorted(rows[0][1])}); fix: set data.format to "
-            "messages (a `messages` list), alpaca (`instruction`, `output`) or text (`text`)"
-        )
-    if fmt in ("messages", "alpaca") and not getattr(tokenizer, "chat_template", None):
-        raise DataError(
-            f"data.format {fmt} needs a chat template, and the tokenizer has none; fix: set model.tokenizer to "
-            "an instruct model's tokenizer, or use data.format: text"
-        )
+    skipped: list[str] = []
+    fmt: str | None = None
     examples: list[Example] = []
-    truncated = dropped = 0
-    seq_len = recipe.train.seq_len + 1  # inputs and shifted targets both span seq_len
-    for lineno, row in rows:
+    lengths = Lengths(recipe.train.seq_len)
+    keep = recipe.train.seq_len + 1  # inputs and shifted targets both span seq_len
+    for lineno, row, problem in iter_jsonl(path):
         where = f"{path}:{lineno}"
+        if problem is None and fmt is None:
+            fmt = format_of(path, lineno, row, spec.format)
+            check_template(fmt, tokenizer)
         try:
-            if fmt == "messages":
-                ex = tokenize_messages(tokenizer, row.get("messages"), where)
-            elif fmt == "alpaca":
-                if "instruction" not in row or "output" not in row:
-                    raise DataError(
-                        f"{where}: alpaca rows need `instruction` and `output`; got {sorted(row)}"
-                    )
-                ex = tokenize_messages(tokenizer, alpaca_to_messages(row), where)
-            else:
-                if not isinstance(row.get("text"), str):
-                    raise DataError(f"{where}: text rows need a string `text`; got keys {sorted(row)}")
-                ex = tokenize_text(tokenizer, row["text"])
+            if problem is not None:
+                raise DataError(problem + BAD_LINE_FIX)
+            ex = tokenize_row(tokenizer, row_content(row, fmt, where), where)
         except DataError as exc:
             if spec.on_bad_line == "skip":
-                skipped.append(str(exc))
+                skipped.append(str(exc).partition("; fix: ")[0])
                 continue
             raise
-        if len(ex.input_ids) > seq_len:
-            truncated += 1
-            ex = Example(ex.input_ids[:seq_len], ex.loss_mask[:seq_len])
-        if not any(ex.loss_mask[1:]):
-            dropped += 1
-            continue
-        examples.append(ex)
+        n_tokens = len(ex.input_ids)
+        ex = Example(ex.input_ids[:keep], ex.loss_mask[:keep]) if n_tokens > keep else ex
+        has_target = any(ex.loss_mask[1:])
+        lengths.add(n_tokens, has_target)
+        if has_target:
+            examples.append(ex)
     if not examples:
-        raise DataError(f"{path}: no usable examples (all skipped or without targets within seq_len)")
+        raise DataError(
+            f"{path}: no usable examples (all skipped, or without targets within train.seq_len "
+            f"{recipe.train.seq_len}); fix: repair the data, or raise train.seq_len"
+        )
     rng = random.Random(recipe.train.seed)
     order = list(range(len(examples)))
     rng.shuffle(order)
@@ -191,7 +329,8 @@ def load_dataset(recipe, tokenizer) -> TokenizedData:
         train=[examples[i] for i in train_ids],
         eval=[examples[i] for i in eval_ids],
         format=fmt,
-        truncated=truncated,
+        truncated=lengths.truncated,
         skipped_lines=skipped,
-        dropped_no_target=dropped,
+        dropped_no_target=lengths.no_target,
+        lengths=lengths,
     )

@@ -18,13 +18,13 @@ if TYPE_CHECKING:
     from fitune.hardware.detect import Environment
     from fitune.recipe import Recipe
 
-SEVERITY_ORDER = {"error": 0, "warning": 1}
+SEVERITY_ORDER = {"error": 0, "warning": 1, "note": 2}
 
 
 @dataclass(frozen=True)
 class Finding:
     rule_id: str
-    severity: str  # "error" | "warning"
+    severity: str  # "error" | "warning" | "note" (information, nothing to fix)
     message: str
     fix: dict[str, Any] | None  # dotted recipe keys -> value, or None when no single change exists
     fix_text: str
@@ -41,6 +41,7 @@ class DoctorContext:
     model_config: dict | None = None  # config.json of the model; the recipe's inline config when None
     planned_peak_bytes: int | None = None  # from `fitune plan`; memory rules are skipped without it
     margin: float = 0.10  # share of free memory kept back for what the plan cannot see
+    data_examples: int | None = None  # usable examples, when the data check read the dataset
 
 
 # --- memory rules ---------------------------------------------------------------------------------------------

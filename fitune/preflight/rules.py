@@ -293,10 +293,12 @@ def _count_lines(path: str, size: int, mtime_ns: int) -> int:
 
 
 def examples(ctx: DoctorContext) -> int | None:
-    """Non-blank lines of the training data file (an upper bound on usable examples); None if unreadable."""
+    """Usable examples (from the data check), else non-blank lines of the data file; None if unreadable."""
     data = ctx.recipe.data
     if data is None:
         return None
+    if ctx.data_examples is not None:
+        return ctx.data_examples
     path = ctx.recipe.resolve_path(data.path)
     try:
         stat = path.stat()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from fitune.errors import FituneError
-from fitune.preflight.checks import DoctorContext, Finding, run_rules
+from fitune.preflight.checks import SEVERITY_ORDER, DoctorContext, Finding, run_rules
+
+DATA_SOURCE = ("fitune/data/scan.py: every line read and tokenized as training will",)
 
 
 def environment_for(recipe, *, training: bool = False):
@@ -53,12 +55,25 @@ def doctor(
     planned_peak_bytes: int | None = None,
     training: bool = False,
     with_plan: bool = True,
+    with_data: bool = True,
 ) -> list[Finding]:
-    """Check a recipe against its environment, memory fit included; findings come errors first."""
+    """Check a recipe against its environment, its memory fit and its dataset; findings come errors first.
+
+    The dataset is read line by line (never a weight): bad lines as file:line, and, unless ``training``
+    (which tokenizes right after, before loading weights), the token lengths against ``train.seq_len``.
+    """
+    from fitune.data.scan import check_data
+
     env = env if env is not None else environment_for(recipe, training=training)
+    issues, usable = check_data(recipe, tokenize=not training) if with_data else ([], None)
     if planned_peak_bytes is None and with_plan:
         planned_peak_bytes = planned_peak(recipe, env)
     ctx = DoctorContext(
-        recipe=recipe, env=env, model_config=model_config_of(recipe), planned_peak_bytes=planned_peak_bytes
+        recipe=recipe,
+        env=env,
+        model_config=model_config_of(recipe),
+        planned_peak_bytes=planned_peak_bytes,
+        data_examples=usable,
     )
-    return run_rules(ctx)
+    data = [Finding(i.rule_id, i.severity, i.message, None, i.fix_text, DATA_SOURCE) for i in issues]
+    return sorted(data + run_rules(ctx), key=lambda f: SEVERITY_ORDER[f.severity])

@@ -18,6 +18,7 @@ import torch
 from fitune import __version__
 from fitune.data.batching import MicroBatches, batches_per_epoch
 from fitune.data.dataset import TokenizedData, load_dataset
+from fitune.data.scan import length_advice
 from fitune.errors import FituneError, RunInterrupted
 from fitune.recipe import Recipe
 from fitune.session import Session, build_session
@@ -191,8 +192,10 @@ def _run(recipe, out, run, signals, max_steps, resume, progress, echo) -> TrainR
         f"fitune {__version__}: {source.description}, {recipe.method.kind}, {len(data.train)} train / "
         f"{len(data.eval)} eval examples ({data.format}), {steps} steps on {session.device}"
     )
-    if data.truncated:
-        echo(f"  {data.truncated} example(s) longer than seq_len={recipe.train.seq_len} were truncated")
+    advice = length_advice(data.lengths) if data.lengths is not None else None
+    if advice is not None:
+        _, message, fix = advice
+        echo(f"  {message}" + ("" if fix == "none needed" else f"; fix: {fix}"))
     for line in data.skipped_lines:
         echo(f"  skipped {line}")
 

@@ -1,0 +1,240 @@
+"""The preflight's data check: the dataset read once, line by line, as training reads it, before any weight.
+
+Rows go through the same checks (``row_content``) and tokenization (``tokenize_row``) as ``load_dataset``,
+so the doctor and training cannot disagree about a row. One line is in memory at a time, plus one token
+count per example (4 bytes), so a file of any size is read in constant memory.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fitune.data.dataset import (
+    BAD_LINE_FIX,
+    Lengths,
+    check_template,
+    format_of,
+    iter_jsonl,
+    row_content,
+    tokenize_row,
+)
+from fitune.errors import DataError, FituneError
+
+MAX_LISTED = 20  # bad lines named one by one; the rest are counted
+PROGRESS_FROM_BYTES = 4 * 2**20  # a progress bar for files from this size on (on a terminal)
+
+
+@dataclass
+class DataScan:
+    path: Path
+    format: str | None = None
+    examples: int = 0  # rows that pass the row checks
+    bad_lines: list[str] = field(default_factory=list)  # the first MAX_LISTED, "file:line: problem"
+    bad_count: int = 0
+    fatal: str | None = None  # a problem with the whole file (missing, empty, unknown format, no template)
+    lengths: Lengths | None = None  # with a tokenizer only
+
+
+def scan_dataset(
+    path: Path,
+    fmt: str | None,
+    seq_len: int,
+    tokenizer=None,
+    progress: Callable[[int], None] | None = None,
+) -> DataScan:
+    """Check every line of ``path``; with a tokenizer, measure token lengths against ``seq_len`` too.
+
+    Problems are collected, never raised. ``progress`` is called with the bytes read so far.
+    """
+    scan = DataScan(path, lengths=Lengths(seq_len) if tokenizer is not None else None)
+    try:
+        for lineno, row, problem in iter_jsonl(path, progress):
+            where = f"{path}:{lineno}"
+            if problem is None and scan.format is None:
+                scan.format = format_of(path, lineno, row, fmt)
+                if tokenizer is not None:
+                    check_template(scan.format, tokenizer)
+            try:
+                if problem is not None:
+                    raise DataError(problem + BAD_LINE_FIX)
+                content = row_content(row, scan.format, where)
+                example = tokenize_row(tokenizer, content, where) if tokenizer is not None else None
+            except DataError as exc:
+                scan.bad_count += 1
+                if len(scan.bad_lines) < MAX_LISTED:
+                    scan.bad_lines.append(str(exc))
+                continue
+            scan.examples += 1
+            if example is not None:
+                kept = example.loss_mask[1 : seq_len + 1]  # targets of the tokens training keeps
+                scan.lengths.add(len(example.input_ids), any(kept))
+    except DataError as exc:
+        scan.fatal = str(exc)
+    return scan
+
+
+def _round_up(n: int, step: int = 64) -> int:
+    return max(step, math.ceil(n / step) * step)
+
+
+def length_advice(lengths: Lengths) -> tuple[str, str, str] | None:
+    """(severity, message, fix) on how ``train.seq_len`` fits the token lengths; None without lengths."""
+    if not lengths.tokens:
+        return None
+    n, seq_len = len(lengths.tokens), lengths.seq_len
+    p95, longest = lengths.quantile(0.95), max(lengths.tokens)
+    if lengths.truncated:
+        lost = (
+            f"; {lengths.no_target} of them lose all their targets and are dropped"
+            if lengths.no_target
+            else ""
+        )
+        severity = "warning" if lengths.no_target or lengths.truncated > 0.05 * n else "note"
+        message = (
+            f"{lengths.summary()}; {lengths.truncated} of {n} ({100 * lengths.truncated / n:.1f}%) are longer "
+            f"than train.seq_len {seq_len} and are cut{lost}"
+        )
+        cover_all = _round_up(longest - 1)
+        if p95 - 1 <= seq_len:
+            kept = 100 * (n - lengths.truncated) / n
+            fix = f"train.seq_len: {cover_all} covers every example; {seq_len} covers {kept:.1f}%"
+        elif _round_up(p95 - 1) < cover_all:
+            fix = f"train.seq_len: {_round_up(p95 - 1)} covers 95% of the examples and {cover_all} covers all"
+        else:
+            fix = f"train.seq_len: {cover_all} covers every example"
+        fix += " (check the memory with `fitune plan`)"
+        return severity, message, fix
+    if longest - 1 <= seq_len // 2 and seq_len > 64:
+        return (
+            "note",
+            f"{lengths.summary()}: the longest is far below train.seq_len {seq_len}, which the plan budgets "
+            "memory for",
+            f"train.seq_len: {_round_up(longest - 1)} still covers every example, with less memory",
+        )
+    return "note", f"{lengths.summary()}: train.seq_len {seq_len} covers every example", "none needed"
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One thing the data check found; the doctor turns it into a Finding."""
+
+    rule_id: str
+    severity: str  # error | warning | note
+    message: str
+    fix_text: str
+
+
+def tokenizer_for(recipe):
+    """(the recipe's tokenizer, None), loaded without any weight, or (None, why it cannot be yet)."""
+    from fitune.models import sources
+    from fitune.models.tokenizers import load_tokenizer
+
+    try:
+        source = sources.resolve(recipe, need_weights=False)
+        if source.kind == "alias" and source.weights_dir is None:
+            return None, "the model's tokenizer comes with its weights, which are not downloaded yet"
+        return load_tokenizer(source, source.config), None
+    except FituneError as exc:
+        return None, str(exc).partition("; fix: ")[0]
+
+
+def _scan_with_progress(path: Path, fmt, seq_len: int, tokenizer, show: bool) -> DataScan:
+    """``scan_dataset`` with a progress bar over the file's bytes, on a terminal, for a large file."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0
+    if not (show and size >= PROGRESS_FROM_BYTES and sys.stderr.isatty()):
+        return scan_dataset(path, fmt, seq_len, tokenizer)
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("checking {task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    task = bar.add_task(path.name, total=size)
+    with bar:
+        return scan_dataset(path, fmt, seq_len, tokenizer, lambda done: bar.update(task, completed=done))
+
+
+def check_data(
+    recipe, *, tokenize: bool = True, show_progress: bool = True
+) -> tuple[list[Issue], int | None]:
+    """What the data check has to say about ``recipe.data``, and the number of usable examples.
+
+    With ``tokenize`` the recipe's tokenizer is loaded (never a weight) to measure token lengths; without it
+    (``fitune train``, which tokenizes right after, before loading weights) rows are checked for structure.
+    Returns no issues and None when the recipe has no data.
+    """
+    spec = recipe.data
+    if spec is None:
+        return [], None
+    path = recipe.resolve_path(spec.path)
+    tokenizer, why_untokenized = None, None
+    if tokenize and path.is_file():
+        tokenizer, why_untokenized = tokenizer_for(recipe)
+    scan = _scan_with_progress(path, spec.format, recipe.train.seq_len, tokenizer, show_progress)
+    if scan.fatal is not None:
+        message, _, fix = scan.fatal.partition("; fix: ")
+        return [Issue("data-unreadable", "error", message, fix or "check data.path and data.format")], None
+    issues = []
+    skip = spec.on_bad_line == "skip"
+    if scan.bad_count:
+        more = scan.bad_count - len(scan.bad_lines)
+        listed = "".join(f"\n    {line.partition('; fix: ')[0]}" for line in scan.bad_lines)
+        issues.append(
+            Issue(
+                "data-bad-lines",
+                "warning" if skip else "error",
+                f"{scan.bad_count} bad line(s) in {path.name}"
+                + (" (skipped: data.on_bad_line is skip)" if skip else "")
+                + f":{listed}"
+                + (f"\n    ... and {more} more" if more else ""),
+                "repair or remove those lines"
+                + ("" if skip else ", or set data.on_bad_line: skip to drop them"),
+            )
+        )
+    if scan.examples == 0:
+        issues.append(
+            Issue(
+                "data-no-examples", "error", f"{path} has no usable example", "repair the lines listed above"
+            )
+        )
+        return issues, 0
+    if why_untokenized is not None:
+        issues.append(
+            Issue(
+                "data-lengths-unknown",
+                "note",
+                f"{scan.examples} {scan.format} examples checked; their token lengths are not measured: "
+                f"{why_untokenized}",
+                "none needed; `fitune train` reports truncation once the tokenizer is loaded",
+            )
+        )
+        return issues, scan.examples
+    if scan.lengths is None:
+        return issues, scan.examples
+    advice = length_advice(scan.lengths)
+    if advice is not None:
+        severity, message, fix = advice
+        issues.append(Issue("data-token-lengths", severity, f"{scan.format} data, {message}", fix))
+    if scan.lengths.no_target >= scan.examples:
+        issues.append(
+            Issue(
+                "data-no-targets",
+                "error",
+                f"every example of {path.name} loses all its targets within train.seq_len "
+                f"{recipe.train.seq_len}",
+                "raise train.seq_len (see the token lengths above)",
+            )
+        )
+    return issues, scan.examples - scan.lengths.no_target
