@@ -159,6 +159,8 @@ def _print_plan(p, recipe) -> None:
             f"host memory: {category} peak at {_human(b)} (held off the device, not part of the peak above)",
             highlight=False,
         )
+    if p.attention:
+        console.print(p.attention, markup=False, highlight=False)
     for note in p.notes:
         console.print(f"note: {note}", highlight=False)
 
@@ -490,11 +492,20 @@ def doctor(
         _fail(FituneError("give a recipe file (or --list)"), EXIT_ERROR)
     try:
         r = _load(recipe)
-        findings = run_doctor(r)
+        from fitune.attention import plan_line
+        from fitune.preflight import environment_for
+        from fitune.preflight.run import model_config_of
+
+        env = environment_for(r)
+        findings = run_doctor(r, env=env)
+        config = model_config_of(r)
+        attention = plan_line(r, config, env) if config is not None else None
     except RecipeError as exc:
         _fail(exc, EXIT_INVALID_RECIPE)
     except FituneError as exc:
         _fail(exc)
+    if attention:
+        console.print(attention, markup=False, highlight=False)
     _print_findings(findings)
     errors = [f for f in findings if f.severity == "error"]
     if fix:

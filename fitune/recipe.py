@@ -20,7 +20,7 @@ Dtype = Literal["fp32", "bf16", "fp16"]
 Precision = Literal["fp32", "bf16", "fp16", "bf16-pure"]
 MethodKind = Literal["full", "lora", "qlora"]
 DataFormat = Literal["messages", "alpaca", "text"]
-Attention = Literal["eager", "sdpa", "flash_attention_2"]
+Attention = Literal["auto", "eager", "sdpa", "flash_attention_2"]
 Optimizer = Literal["adamw", "adamw8bit", "paged_adamw8bit", "sgd"]
 OnBadLine = Literal["error", "skip"]
 
@@ -119,7 +119,11 @@ class TrainSpec(_Strict):
         description="With lean_activations, also recompute in backward the MLP's gate and up projections "
         "(true: two matrix multiplies per layer) or its up projection only (up: one), instead of keeping them.",
     )
-    attention: Attention = Field("sdpa", description="eager | sdpa | flash_attention_2.")
+    attention: Attention = Field(
+        "auto",
+        description="auto (flash_attention_2 where flash-attn runs, else sdpa where the architecture has it, "
+        "else eager) | eager | sdpa | flash_attention_2.",
+    )
     loss_chunk: Union[int, Literal["auto"]] = Field(
         0,
         description="0 = plain loss; N = fused cross-entropy over N-token chunks (gradients computed in "

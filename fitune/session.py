@@ -115,7 +115,7 @@ def build_model(
     from transformers import AutoModelForCausalLM
 
     dtype = storage_dtype(recipe)
-    attn = recipe.train.attention
+    attn = attention_kernel(recipe, source.config, device)
     check_attention(attn, device, fake=fake)
     config = source.config
     config.use_cache = False
@@ -164,7 +164,7 @@ def build_streamed(
     recipe: Recipe,
     source: sources.ResolvedSource,
     dtype: torch.dtype,
-    attn: str,
+    attn: str | None,
     *,
     fake: bool,
     cpu_target: bool,
@@ -297,7 +297,19 @@ def _folder_metadata(model: nn.Module, folder) -> None:
         pass  # from_pretrained keeps the defaults derived from the config too
 
 
-def check_attention(attn: str, device: torch.device, *, fake: bool) -> None:
+def attention_kernel(recipe: Recipe, config, device: torch.device) -> str | None:
+    """The kernel ``train.attention`` means on ``device`` of this machine (``auto`` resolved; None lets
+    transformers pick for custom model code). SDPA asked of an architecture without it is refused here."""
+    choice = attention.choose(recipe, config, attention.here(device))
+    if choice.kernel == "sdpa" and attention.has_sdpa(config) is False:
+        raise FituneError(
+            f"train.attention: 'sdpa', but transformers has no SDPA attention for {config.model_type}; fix: set "
+            "train.attention: auto (fitune picks a kernel this model has) or eager"
+        )
+    return choice.kernel
+
+
+def check_attention(attn: str | None, device: torch.device, *, fake: bool) -> None:
     """Refuse an attention kernel this machine cannot run, naming the fix (transformers' own errors do not)."""
     if attn != "flash_attention_2":
         return

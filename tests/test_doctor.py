@@ -36,6 +36,7 @@ GEMMA2 = {
     "vocab_size": 256000,
     "attn_logit_softcapping": 50.0,
 }
+GEMMA3_CAPPED = {**GEMMA2, "model_type": "gemma3_text", "attn_logit_softcapping": 30.0}  # has an SDPA path
 ROPE_LINEAR = {**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
 GPT2 = {
     "model_type": "gpt2",
@@ -170,9 +171,13 @@ CASES = {
     "fa2-not-installed": lambda t: (ctx(FA2, A100(flash_attn_version=None)), ctx(FA2, A100())),
     "flash-attn-1x": lambda t: (ctx(FA2, A100(flash_attn_version="1.0.9")), ctx(FA2, A100())),
     "fa2-fp32-compute": lambda t: (ctx({**FA2, "train.precision": "fp32"}, A100()), ctx(FA2, A100())),
-    "softcap-model-with-sdpa": lambda t: (
+    "sdpa-not-in-architecture": lambda t: (
         ctx({"model.config": GEMMA2}, A100()),
-        ctx({"model.config": GEMMA2, "train.attention": "eager"}, A100()),
+        ctx({"model.config": GEMMA2, "train.attention": "auto"}, A100()),
+    ),
+    "softcap-model-with-sdpa": lambda t: (
+        ctx({"model.config": GEMMA3_CAPPED}, A100()),
+        ctx({"model.config": GEMMA3_CAPPED, "train.attention": "eager"}, A100()),
     ),
     "softcap-model-old-flash-attn": lambda t: (
         ctx({**FA2, "model.config": GEMMA2}, A100(flash_attn_version="2.5.8")),

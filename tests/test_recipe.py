@@ -14,7 +14,7 @@ def test_minimal_recipe_gets_defaults():
     r = Recipe.from_dict({"model": {"source": "smollm2-135m-instruct"}})
     assert r.method.kind == "lora"
     assert r.train.batch_size == 4
-    assert r.train.attention == "sdpa"
+    assert r.train.attention == "auto"
     assert r.data is None
 
 

@@ -48,6 +48,7 @@ class Plan:
     host: dict[str, int] = field(default_factory=dict)
     # phases this run does not have, and why (no eval split, no prompts, no save_every)
     absent: dict[str, str] = field(default_factory=dict)
+    attention: str = ""  # the kernel training uses on the target and why, and the one traced if it differs
     # phase -> category -> bytes at that phase's own peak (the OOM guard compares a failed phase with it)
     phase_breakdowns: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -205,6 +206,7 @@ def _read_until(fd: int, deadline: float) -> bytes | None:
 
 def plan(recipe, *, full_trace: bool = False) -> Plan:
     """Predict the memory of ``recipe`` on its target (``hardware.device``) without loading a weight."""
+    from fitune.attention import plan_line
     from fitune.memory.devices import device_model
     from fitune.models import sources
 
@@ -285,6 +287,7 @@ def plan(recipe, *, full_trace: bool = False) -> Plan:
         host=host,
         notes=list(b.notes),
         absent=dict(b.absent),
+        attention=plan_line(recipe, source.config, target["env"]),
         phase_breakdowns={ph: {c: v for c, v in sorted(bd.items()) if v} for ph, bd in breakdowns.items()},
     )
 
@@ -313,10 +316,7 @@ def _where(module: str, traced: int, num_layers: int) -> str:
 
 def _target(recipe) -> dict:
     """The device a recipe is planned for: cpu, this machine's CUDA GPU, or a catalog GPU."""
-    device = recipe.hardware.device
-    if device == "cpu":
-        return {"device": "cpu", "gpu": None}
     from fitune.hardware.detect import detect_environment
 
-    env = detect_environment(device)
-    return {"device": env.device_type, "gpu": env.gpu}
+    env = detect_environment(recipe.hardware.device)
+    return {"device": env.device_type, "gpu": env.gpu, "env": env}

@@ -233,10 +233,16 @@ def narrowest(ctx: DoctorContext) -> int | None:
 
 def softcap(ctx: DoctorContext) -> float | None:
     """Attention-logit soft-capping of the model (Gemma 2 defaults to 50; Gemma 3 has none)."""
-    cfg = config(ctx)
-    if "attn_logit_softcapping" in cfg:
-        return cfg["attn_logit_softcapping"] or None
-    return 50.0 if model_type(ctx) == "gemma2" else None
+    from fitune.attention import softcap as of_config
+
+    return of_config(config(ctx))
+
+
+def sdpa_missing(ctx: DoctorContext) -> bool:
+    """train.attention asks for SDPA, and transformers has no SDPA path for the architecture."""
+    from fitune.attention import has_sdpa
+
+    return ctx.recipe.train.attention == "sdpa" and bool(model_type(ctx)) and has_sdpa(config(ctx)) is False
 
 
 def pretrained_dtype(ctx: DoctorContext) -> str | None:
@@ -356,6 +362,12 @@ def _torch_build(ctx: DoctorContext) -> str:
     return f"built for CUDA {cuda}" if cuda else "built without CUDA"
 
 
+def _transformers_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
+
+
 def _known_or(value: Any) -> str:
     return "unknown" if value is None else str(value)
 
@@ -365,6 +377,7 @@ FACTS: dict[str, Callable[[DoctorContext], Any]] = {
     "dtype": lambda c: c.recipe.model.dtype,
     "kind": lambda c: c.recipe.method.kind,
     "attention": lambda c: c.recipe.train.attention,
+    "transformers": lambda c: _transformers_version(),
     "optimizer": lambda c: c.recipe.train.optimizer,
     "r": lambda c: c.recipe.method.r,
     "alpha": lambda c: f"{c.recipe.method.alpha:g}",
@@ -456,6 +469,9 @@ C1_FA2_FP32 = gh(
     "QwenLM/Qwen3#406",
 )
 C2_FA2_OFF_GPU = gh("NousResearch/finetuning-subnet#13", "multimodal-art-projection/YuE#75")
+NO_SDPA_PATH = gh(
+    "md-mohaiminul/VideoRecap#14", "chflame163/ComfyUI_OmniGen_Wrapper#11", "huggingface/transformers#34282"
+)
 C4_SOFTCAP = gh(
     "huggingface/transformers#32865", "huggingface/transformers#32309", "hiyouga/LlamaFactory#7387"
 )
@@ -603,10 +619,23 @@ RULES: list[Rule] = [
         source=C1_FA2_FP32,
     ),
     Rule(
+        id="sdpa-not-in-architecture",
+        severity="error",
+        title="SDPA asked of an architecture transformers has no SDPA path for",
+        applies=sdpa_missing,
+        message="train.attention is sdpa, but transformers {transformers} has no SDPA attention for "
+        "{model_type}, so the model cannot be built with it",
+        fix={"train.attention": "auto"},
+        fix_text="set train.attention: auto (fitune picks a kernel this model has) or eager",
+        source=NO_SDPA_PATH,
+    ),
+    Rule(
         id="softcap-model-with-sdpa",
         severity="warning",
         title="Gemma-2-style attention soft-capping under SDPA",
-        applies=lambda c: softcap(c) is not None and c.recipe.train.attention == "sdpa",
+        applies=lambda c: (
+            softcap(c) is not None and c.recipe.train.attention == "sdpa" and not sdpa_missing(c)
+        ),
         message="this {model_type} model caps attention logits (attn_logit_softcapping {softcap}), which "
         "SDPA cannot express: training with sdpa silently computes a different attention and loses quality",
         fix={"train.attention": "eager"},
