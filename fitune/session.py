@@ -111,7 +111,10 @@ def build_model(
     fake: bool,
     stage_on_host: bool = False,
     cpu_target: bool = True,
+    notes: list[str] | None = None,
 ) -> nn.Module:
+    """The causal LM of ``source`` on ``device``: its weights, or random ones (``fake`` or no weights).
+    What the checkpoint lacks or holds beyond the architecture is added to ``notes``, in fitune's words."""
     from transformers import AutoModelForCausalLM
 
     dtype = storage_dtype(recipe)
@@ -125,17 +128,20 @@ def build_model(
         return build_streamed(recipe, source, dtype, attn, fake=fake, cpu_target=cpu_target)
     if source.weights_dir is not None and not fake:
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model, info = AutoModelForCausalLM.from_pretrained(
                 str(source.weights_dir),
                 dtype=dtype,
                 attn_implementation=attn,
                 local_files_only=True,
                 use_safetensors=True,
                 trust_remote_code=recipe.model.trust_remote_code,
+                output_loading_info=True,
                 **FROM_PRETRAINED,
             )
         except (ImportError, ValueError) as exc:
             raise FituneError(f"cannot load {source.description} with attention={attn}: {exc}") from None
+        if notes is not None:
+            notes.extend(loading_notes(info, type(model).__name__, source.description))
         model.config.use_cache = False
     else:
         torch.manual_seed(recipe.train.seed)
@@ -295,6 +301,32 @@ def _folder_metadata(model: nn.Module, folder) -> None:
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
     except (OSError, ValueError):
         pass  # from_pretrained keeps the defaults derived from the config too
+
+
+def _listed(names, limit: int = 4) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def loading_notes(info: dict, architecture: str, description: str) -> list[str]:
+    """What transformers logs (and fitune keeps quiet) about a checkpoint that does not match its architecture,
+    as notes for the run: weights that start random, and tensors of the checkpoint left unused."""
+    notes = []
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        notes.append(
+            f"warning: {len(missing)} weight(s) of {architecture} are not in {description} and start from random "
+            f"values: {_listed(missing)}; fix: check that model.source is a checkpoint of this architecture "
+            "(a head trained from scratch needs far more steps than an adapter)"
+        )
+    unexpected = list(info.get("unexpected_keys") or [])
+    if unexpected:
+        notes.append(
+            f"note: {len(unexpected)} tensor(s) of {description} are not part of {architecture} and are not "
+            f"loaded: {_listed(unexpected)}"
+        )
+    return notes
 
 
 def attention_kernel(recipe: Recipe, config, device: torch.device) -> str | None:
@@ -494,11 +526,14 @@ def build_session(
         from fitune.models.tokenizers import load_tokenizer
 
         tokenizer = load_tokenizer(source, source.config)
+    notes: list[str] = []
     # training or planning for a CPU: a plan for a GPU runs fake tensors on the CPU with host_staging given
     cpu_target = device.type == "cpu" and host_staging is None
     stage = recipe.method.kind == "qlora"  # full-precision weights wait in host memory until quantized
     with host_staging() if (stage and host_staging is not None) else contextlib.nullcontext():
-        model = build_model(recipe, source, device, fake=fake, stage_on_host=stage, cpu_target=cpu_target)
+        model = build_model(
+            recipe, source, device, fake=fake, stage_on_host=stage, cpu_target=cpu_target, notes=notes
+        )
     installed = Installed()
     if recipe.train.gradient_checkpointing:
         apply_checkpointing(recipe, model, installed)
@@ -528,7 +563,6 @@ def build_session(
     optimizer = build_optimizer(recipe, params, fake=fake)
     steps = total_steps or recipe.train.max_steps or 1
     scheduler = cosine_schedule(optimizer, recipe.train.warmup_steps, steps, recipe.train.min_lr_ratio)
-    notes = []
     offload = offload_for(
         recipe.train.offload_activations, model, device, fake=fake, host_memory=host_staging
     )

@@ -9,11 +9,12 @@ import sys
 import pytest
 import yaml
 
+import fitune
 from fitune.installed import TechniqueLostError
 from fitune.recipe import Recipe
 from fitune.session import build_session
 
-from .conftest import TINY_LLAMA, save_tiny_model
+from .conftest import TINY_LLAMA, save_tiny_model, tiny_recipe
 
 
 def _recipe(**train) -> Recipe:
@@ -125,3 +126,41 @@ print(len(calls))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "0"
     assert "kernels-community" not in done.stderr
+
+
+def test_measure_and_train_print_nothing_of_the_libraries_they_drive(tmp_path):
+    """kineto's USDT lines (torch.profiler starting and stopping), bitsandbytes' and transformers' chatter:
+    none reaches the user's stderr, through a whole QLoRA measure and training run."""
+    recipe = tiny_recipe(tmp_path, method={"kind": "qlora", "r": 4, "alpha": 8})
+    path = tmp_path / "qlora.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    for command in (["measure", str(path)], ["train", str(path), "--max-steps", "1", "--no-progress"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "fitune.cli", *command], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stderr == "", done.stderr
+
+
+def test_a_checkpoint_that_does_not_match_its_architecture_is_told_in_fitunes_words(tmp_path):
+    """transformers logs missing and unused checkpoint tensors at a level fitune keeps quiet; the run says it."""
+    from safetensors.torch import load_file, save_file
+
+    folder = save_tiny_model(tmp_path / "model", dtype="fp32", tie_word_embeddings=False)
+    weights = load_file(folder / "model.safetensors")
+    del weights["lm_head.weight"]
+    weights["vision_tower.proj.weight"] = weights["model.norm.weight"].clone()
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    recipe = tiny_recipe(tmp_path)
+    recipe["model"] = {"source": str(folder), "dtype": "fp32"}
+    lines = []
+    fitune.train(recipe, max_steps=1, progress=False, echo=lines.append)
+    assert (
+        f"  warning: 1 weight(s) of LlamaForCausalLM are not in {folder} and start from random values: "
+        "lm_head.weight; fix: check that model.source is a checkpoint of this architecture (a head trained from "
+        "scratch needs far more steps than an adapter)"
+    ) in lines
+    assert (
+        f"  note: 1 tensor(s) of {folder} are not part of LlamaForCausalLM and are not loaded: "
+        "vision_tower.proj.weight"
+    ) in lines

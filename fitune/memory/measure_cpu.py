@@ -27,9 +27,14 @@ Hence two numbers:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import gc
-from collections.abc import Callable
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -38,6 +43,46 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.profiler._memory_profiler import Action, MemoryProfileTimeline, TensorKey
 
 UNKNOWN = "UNKNOWN"  # allocations the profiler could not tie to a tensor
+# what the profiler's C++ side (kineto) writes to the process's stderr as it starts and stops, whatever
+# KINETO_LOG_LEVEL says: "USDT:<date> <time> <pid>:<tid> SyncActivityProfilerHandler.cpp:52] profiler_start"
+KINETO_LINE = re.compile(rb"^(USDT|STAGE):\S+ \S+ \d+:\d+ \S+\.cpp:\d+\] ")
+
+
+@contextlib.contextmanager
+def _kineto_lines_dropped() -> Iterator[None]:
+    """Keep kineto's own lines off stderr while the profiler starts or stops; pass every other line on."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured stderr without a file descriptor
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            caught.seek(0)
+            kept = [line for line in caught.read().splitlines(keepends=True) if not KINETO_LINE.match(line)]
+            if kept:
+                os.write(fd, b"".join(kept))
+
+
+@contextlib.contextmanager
+def _profiled(**options) -> Iterator[profile]:
+    """``torch.profiler.profile(**options)`` without kineto's start and stop lines on stderr."""
+    prof = profile(**options)
+    with _kineto_lines_dropped():
+        prof.__enter__()
+    try:
+        yield prof
+    finally:
+        with _kineto_lines_dropped():
+            prof.__exit__(None, None, None)
 
 
 @dataclasses.dataclass
@@ -95,7 +140,7 @@ class CpuAllocations:
 def measure_cpu_allocations(fn: Callable[[], Any]) -> CpuAllocations:
     """Run `fn` once under the profiler's allocation events (no Python tracer); report the CPU peaks."""
     gc.collect()  # see measure_cpu_peak
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _profiled(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     events = [
         (e.start_ns(), e.nbytes())
@@ -135,7 +180,7 @@ def measure_cpu_peak(fn: Callable[[], Any], *, warmup: int = 0) -> CpuMeasuremen
     gc.collect()
     # with_stack=True is required by `profile._memory_profile()`; its Python tracer is also what
     # lets the profiler label parameters and optimizer state.
-    with profile(
+    with _profiled(
         activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
     ) as prof:
         result = fn()

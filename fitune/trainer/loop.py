@@ -192,6 +192,8 @@ def _run(recipe, out, run, signals, max_steps, resume, progress, echo) -> TrainR
         f"fitune {__version__}: {source.description}, {recipe.method.kind}, {len(data.train)} train / "
         f"{len(data.eval)} eval examples ({data.format}), {steps} steps on {session.device}"
     )
+    for note in session.notes:
+        echo(f"  {note}")
     advice = length_advice(data.lengths) if data.lengths is not None else None
     if advice is not None:
         _, message, fix = advice
