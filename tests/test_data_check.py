@@ -225,3 +225,24 @@ def test_the_scan_streams_in_constant_memory_with_progress_by_bytes(tmp_path):
     assert scan.examples == 100_000 and scan.bad_count == 0 and scan.format == "text"
     assert seen == {"calls": 100_000, "last": size, "ordered": True}
     assert peak < 2**18, f"{peak:,} B traced while reading {size:,} B"
+
+
+def test_a_large_file_gets_a_progress_bar_on_a_terminal_only(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    import fitune.data.scan as scan
+
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"text": "x"}) + "\n")
+    with scan.byte_progress(path, "checking") as progress:
+        assert progress is None  # small file
+    monkeypatch.setattr(scan, "PROGRESS_FROM_BYTES", 1)
+    with scan.byte_progress(path, "checking") as progress:
+        assert progress is None  # stderr is not a terminal under pytest
+    monkeypatch.setattr(sys, "stderr", type("Tty", (io.StringIO,), {"isatty": lambda self: True})())
+    with scan.byte_progress(path, "checking") as progress:
+        assert progress is not None
+        assert scan.scan_dataset(path, None, 8, progress=progress).examples == 1
+    with scan.byte_progress(path, "checking", show=False) as progress:
+        assert progress is None  # --no-progress

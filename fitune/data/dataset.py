@@ -284,7 +284,8 @@ def tokenize_text(tokenizer, text: str) -> Example:
     return Example(ids, [True] * len(ids))
 
 
-def load_dataset(recipe, tokenizer) -> TokenizedData:
+def load_dataset(recipe, tokenizer, progress: Callable[[int], None] | None = None) -> TokenizedData:
+    """Read, check and tokenize ``recipe.data``; ``progress`` is called with the bytes read so far."""
     spec = recipe.data
     assert spec is not None
     path = recipe.resolve_path(spec.path)
@@ -293,7 +294,7 @@ def load_dataset(recipe, tokenizer) -> TokenizedData:
     examples: list[Example] = []
     lengths = Lengths(recipe.train.seq_len)
     keep = recipe.train.seq_len + 1  # inputs and shifted targets both span seq_len
-    for lineno, row, problem in iter_jsonl(path):
+    for lineno, row, problem in iter_jsonl(path, progress):
         where = f"{path}:{lineno}"
         if problem is None and fmt is None:
             fmt = format_of(path, lineno, row, spec.format)

@@ -7,9 +7,10 @@ count per example (4 bytes), so a file of any size is read in constant memory.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,19 +143,22 @@ def tokenizer_for(recipe):
         return None, str(exc).partition("; fix: ")[0]
 
 
-def _scan_with_progress(path: Path, fmt, seq_len: int, tokenizer, show: bool) -> DataScan:
-    """``scan_dataset`` with a progress bar over the file's bytes, on a terminal, for a large file."""
+@contextlib.contextmanager
+def byte_progress(path: Path, verb: str, show: bool = True) -> Iterator[Callable[[int], None] | None]:
+    """A progress callback over ``path``'s bytes, drawn as a bar on a terminal's stderr for a large file;
+    None (no bar) for a small file, a missing one, or output that is not a terminal."""
     try:
         size = path.stat().st_size
     except OSError:
         size = 0
     if not (show and size >= PROGRESS_FROM_BYTES and sys.stderr.isatty()):
-        return scan_dataset(path, fmt, seq_len, tokenizer)
+        yield None
+        return
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(
-        TextColumn("checking {task.description}"),
+        TextColumn(f"{verb} {{task.description}}"),
         BarColumn(),
         DownloadColumn(),
         TimeRemainingColumn(),
@@ -163,7 +167,7 @@ def _scan_with_progress(path: Path, fmt, seq_len: int, tokenizer, show: bool) ->
     )
     task = bar.add_task(path.name, total=size)
     with bar:
-        return scan_dataset(path, fmt, seq_len, tokenizer, lambda done: bar.update(task, completed=done))
+        yield lambda done: bar.update(task, completed=done)
 
 
 def check_data(
@@ -182,7 +186,8 @@ def check_data(
     tokenizer, why_untokenized = None, None
     if tokenize and path.is_file():
         tokenizer, why_untokenized = tokenizer_for(recipe)
-    scan = _scan_with_progress(path, spec.format, recipe.train.seq_len, tokenizer, show_progress)
+    with byte_progress(path, "checking", show_progress) as progress:
+        scan = scan_dataset(path, spec.format, recipe.train.seq_len, tokenizer, progress)
     if scan.fatal is not None:
         message, _, fix = scan.fatal.partition("; fix: ")
         return [Issue("data-unreadable", "error", message, fix or "check data.path and data.format")], None

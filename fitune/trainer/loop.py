@@ -18,7 +18,7 @@ import torch
 from fitune import __version__
 from fitune.data.batching import MicroBatches, batches_per_epoch
 from fitune.data.dataset import TokenizedData, load_dataset
-from fitune.data.scan import length_advice
+from fitune.data.scan import byte_progress, length_advice
 from fitune.errors import FituneError, RunInterrupted
 from fitune.recipe import Recipe
 from fitune.session import Session, build_session
@@ -170,7 +170,8 @@ def _run(recipe, out, run, signals, max_steps, resume, progress, echo) -> TrainR
 
     source = sources.resolve(recipe)
     tokenizer = load_tokenizer(source, source.config)
-    data = load_dataset(recipe, tokenizer)
+    with byte_progress(recipe.resolve_path(recipe.data.path), "tokenizing", progress) as read:
+        data = load_dataset(recipe, tokenizer, read)
     steps = max_steps or total_steps(recipe, len(data.train))
     run.phase = "load"
     try:
