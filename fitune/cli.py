@@ -166,8 +166,8 @@ def _print_plan(p, recipe) -> None:
 
 
 def _plan_base(target: str, seq_len: Optional[int]):
-    """The recipe a plan starts from: a recipe file, or fitune's defaults for a catalog model (effective batch
-    8 as micro-batch 4 x accumulation 2)."""
+    """The recipe a plan starts from: a recipe file, or fitune's defaults for a catalog model or a hub id
+    (effective batch 8 as micro-batch 4 x accumulation 2); a hub id's config.json alone is fetched."""
     from fitune.models.catalog import get_model, model_names
     from fitune.planner.candidates import DEFAULT_EFFECTIVE_BATCH
     from fitune.recipe import Recipe
@@ -177,15 +177,16 @@ def _plan_base(target: str, seq_len: Optional[int]):
         r = _load(path)
         return (r.updated({"train.seq_len": seq_len}) if seq_len else r), False
     entry = get_model(target)
-    if entry is None:
+    hub_id = target.count("/") == 1 and not target.startswith((".", "/", "~")) and not path.exists()
+    if entry is None and not hub_id:
         raise FituneError(
-            f"{target!r} is neither a recipe file nor a catalog model; fix: give a recipe .yaml path, or one "
-            f"of: {', '.join(model_names())} (`fitune models` lists them)"
+            f"{target!r} is neither a recipe file, a catalog model nor a hub id (owner/name); fix: give a recipe "
+            f".yaml path, a hub id, or one of: {', '.join(model_names())} (`fitune models` lists them)"
         )
     train = {"batch_size": 4, "grad_accum": DEFAULT_EFFECTIVE_BATCH // 4}
     if seq_len:
         train["seq_len"] = seq_len
-    return Recipe.from_dict({"model": {"source": entry.name}, "train": train}), True
+    return Recipe.from_dict({"model": {"source": entry.name if entry else target}, "train": train}), True
 
 
 def _print_search(result, top: int, from_defaults: bool) -> None:
@@ -277,7 +278,9 @@ def _portable(recipe):
 @app.command()
 def plan(
     recipe: str = typer.Argument(
-        ..., help="Recipe YAML file, or a catalog model name (see `fitune models`)."
+        ...,
+        help="Recipe YAML file, a catalog model name (see `fitune models`), or a hub id (owner/name: its "
+        "config.json is fetched, no weights).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the plan (or the search) as JSON."),
     gpu: Optional[str] = typer.Option(
@@ -394,6 +397,10 @@ def models() -> None:
             params = "-"
         table.add_row(m.name, m.hf_id, params)
     console.print(table)
+    console.print(
+        "Any Hugging Face hub id (owner/name) works too when the machine is online: `fitune plan owner/name "
+        "--gpu t4` fetches its config.json alone."
+    )
 
 
 @app.command()

@@ -32,7 +32,7 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     source: str | None = Field(
         None,
-        description="Alias, HF model folder, config.json, .gguf file or hub id (from the local cache).",
+        description="Alias, HF model folder, config.json, .gguf file or hub id (owner/name).",
     )
     config: dict[str, Any] | None = Field(
         None, description="Inline architecture (a config.json mapping); random weights."
@@ -41,6 +41,9 @@ class ModelSpec(_Strict):
         None,
         description="Tokenizer source when it differs from the model's; none = the model's own, or the "
         "built-in byte-level tokenizer for architecture-only models.",
+    )
+    revision: str | None = Field(
+        None, description="Branch, tag or commit of a hub id in model.source (default: its main branch)."
     )
     dtype: Dtype = Field("bf16", description="Storage dtype of non-quantized base weights.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with a checkpoint.")

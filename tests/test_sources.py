@@ -502,8 +502,8 @@ def test_uncached_hub_id_is_a_clear_error(hf_cache):
     with pytest.raises(ModelSourceError) as err:
         sources.resolve(_recipe({"source": "tiny-org/not-downloaded"}))
     msg = str(err.value)
-    assert "'tiny-org/not-downloaded' is not in the local Hugging Face cache" in msg
-    assert "huggingface-cli download tiny-org/not-downloaded" in msg
+    assert "the weights of hub id 'tiny-org/not-downloaded' are not in the local Hugging Face cache" in msg
+    assert "`hf download tiny-org/not-downloaded`" in msg
 
 
 # --- 6. the alias -------------------------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def tokenizer_for(recipe):
 
     try:
         source = sources.resolve(recipe, need_weights=False)
-        if source.kind == "alias" and source.weights_dir is None:
+        if source.kind in ("alias", "hub") and source.weights_dir is None:
             return None, "the model's tokenizer comes with its weights, which are not downloaded yet"
         return load_tokenizer(source, source.config), None
     except FituneError as exc:

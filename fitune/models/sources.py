@@ -95,7 +95,7 @@ def resolve(recipe, *, need_weights: bool = True) -> ResolvedSource:
     if path.is_dir():
         return _from_folder(recipe, path, kind="folder", label=str(path))
     if src.count("/") == 1 and not src.startswith((".", "/", "~")):
-        return _from_hub(recipe, src)
+        return _from_hub(recipe, src, need_weights=need_weights)
     from fitune.models import catalog
 
     entry = catalog.get_model(src)
@@ -148,7 +148,7 @@ def _tokenizer_source(recipe, default: str | None) -> str | None:
     if path.exists():
         return str(path.parent if path.is_file() else path)
     if tok.count("/") == 1:
-        return str(_hub_snapshot(tok))
+        return str(_hub_snapshot(tok, None, what="the tokenizer"))
     raise ModelSourceError(
         f"model.tokenizer: {tok!r} is not an alias, a folder, a .gguf file or a cached hub id; fix: check it"
     )
@@ -191,23 +191,60 @@ def _has_tokenizer(path: Path) -> bool:
     return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
 
 
-def _hub_snapshot(repo_id: str) -> Path:
+def _hub_snapshot(repo_id: str, revision: str | None, *, what: str = "the weights") -> Path:
     from huggingface_hub import snapshot_download
 
+    from fitune.models import hub
+
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        return Path(
+            snapshot_download(
+                repo_id, revision=revision, cache_dir=str(hub.cache_dir()), local_files_only=True
+            )
+        )
     except Exception:  # noqa: BLE001 - any hub failure means "not cached"
-        raise ModelSourceError(
-            f"model.source: hub id {repo_id!r} is not in the local Hugging Face cache and fitune never downloads "
-            "weights at run time (this machine may be offline); fix: on a machine with access run "
-            f"`huggingface-cli download {repo_id}` and copy the cache, or point model.source at a local folder "
-            "or .gguf file"
-        ) from None
+        raise _not_cached(repo_id, what) from None
 
 
-def _from_hub(recipe, repo_id: str) -> ResolvedSource:
-    folder = _hub_snapshot(repo_id)
-    return _from_folder(recipe, folder, kind="hub", label=repo_id)
+def _not_cached(repo_id: str, what: str = "the weights") -> ModelSourceError:
+    field = "model.tokenizer" if what == "the tokenizer" else "model.source"
+    return ModelSourceError(
+        f"{field}: {what} of hub id {repo_id!r} {'is' if what == 'the tokenizer' else 'are'} not in the local "
+        "Hugging Face cache and fitune "
+        "never downloads weights at run time (this machine may be offline); fix: on a machine with access run "
+        f"`hf download {repo_id}` and copy the cache, or point {field} at a local folder or .gguf file"
+    )
+
+
+def _from_hub(recipe, repo_id: str, *, need_weights: bool) -> ResolvedSource:
+    """A cached snapshot of ``repo_id``; for planning (``need_weights=False``) its config.json alone will do,
+    from the cache or the Hub."""
+    from fitune.models import hub
+
+    revision = recipe.model.revision
+    try:
+        folder = _hub_snapshot(repo_id, revision)
+    except ModelSourceError:
+        if need_weights:
+            raise
+        folder = None
+    if folder is not None:
+        weights = any(folder.glob("*.safetensors"))
+        pickles = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
+        if weights or (need_weights and pickles):
+            return _from_folder(recipe, folder, kind="hub", label=repo_id)  # names pickle-only weights
+        if need_weights:
+            raise _not_cached(repo_id)  # a plan fetched the config alone
+    path = hub.fetch_file(repo_id, "config.json", revision)  # a plan's: from the cache when it is there
+    where = f"{repo_id}/config.json" + (f" at {revision}" if revision else "")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelSourceError(f"{where}: not valid JSON ({exc}); fix: name a transformers model") from None
+    config = config_from_dict(data, where=where)
+    return ResolvedSource(
+        "hub", config, None, _tokenizer_source(recipe, None), f"{repo_id} (config from the Hub)"
+    )
 
 
 # --- GGUF ------------------------------------------------------------------------------------------------

@@ -1,0 +1,106 @@
+"""A small stand-in for the Hugging Face Hub on 127.0.0.1, for the real ``huggingface_hub`` client to talk to.
+
+It answers what the client asks for a file (``HEAD`` and ``GET /{repo}/resolve/{revision}/{path}``) the way
+the Hub does: the commit in ``X-Repo-Commit``, the content's hash as ``ETag``, byte ranges, and errors as an
+HTTP status with ``X-Error-Code`` (RepoNotFound for a private or unknown repository, GatedRepo, RevisionNotFound,
+EntryNotFound). Every request is logged, so a test can tell that a second run made none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Repo:
+    files: dict[str, dict[str, bytes]]  # commit -> path -> content
+    refs: dict[str, str]  # branch or tag -> commit
+    gated: bool = False
+    private: bool = False
+
+    def commit(self, revision: str) -> str | None:
+        if revision in self.files:
+            return revision
+        return self.refs.get(revision)
+
+
+@dataclass
+class FakeHub:
+    repos: dict[str, Repo] = field(default_factory=dict)
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    url: str = ""
+
+    def add(self, repo_id: str, files: dict[str, bytes], *, tag: str | None = None, **flags) -> str:
+        """A new commit of ``repo_id`` holding ``files``, made the head of main (and ``tag``); its hash."""
+        commit = hashlib.sha1(repr((repo_id, sorted(files.items()))).encode()).hexdigest()
+        repo = self.repos.setdefault(repo_id, Repo({}, {}, **flags))
+        repo.files[commit] = dict(files)
+        repo.refs["main"] = commit
+        if tag:
+            repo.refs[tag] = commit
+        return commit
+
+
+RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")
+
+
+def _handler(hub: FakeHub):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+        def _error(self, status: int, code: str) -> None:
+            self.send_response(status)
+            self.send_header("X-Error-Code", code)
+            self.send_header("X-Error-Message", code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def _serve(self, body: bool) -> None:
+            hub.requests.append((self.command, self.path))
+            match = RESOLVE.match(self.path.split("?")[0])
+            repo = hub.repos.get(match["repo"]) if match else None
+            if repo is None or repo.private:
+                return self._error(401, "RepoNotFound")
+            if repo.gated:
+                return self._error(403, "GatedRepo")
+            commit = repo.commit(match["revision"])
+            if commit is None:
+                return self._error(404, "RevisionNotFound")
+            content = repo.files[commit].get(match["path"])
+            if content is None:
+                return self._error(404, "EntryNotFound")
+            start, end = 0, len(content)
+            ranged = re.match(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+            if ranged:
+                start = int(ranged[1])
+                end = int(ranged[2]) + 1 if ranged[2] else len(content)
+            self.send_response(206 if ranged else 200)
+            self.send_header("X-Repo-Commit", commit)
+            self.send_header("ETag", f'"{hashlib.sha256(content).hexdigest()}"')
+            self.send_header("Content-Length", str(end - start))
+            if ranged:
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(content)}")
+            self.end_headers()
+            if body:
+                self.wfile.write(content[start:end])
+
+        def do_HEAD(self) -> None:  # noqa: N802 - the http.server protocol
+            self._serve(body=False)
+
+        def do_GET(self) -> None:  # noqa: N802
+            self._serve(body=True)
+
+    return Handler
+
+
+def start(hub: FakeHub) -> ThreadingHTTPServer:
+    """Serve ``hub`` on a free port of 127.0.0.1 in a daemon thread; sets ``hub.url``."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
+    hub.url = f"http://127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
