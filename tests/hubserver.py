@@ -1,14 +1,17 @@
 """A small stand-in for the Hugging Face Hub on 127.0.0.1, for the real ``huggingface_hub`` client to talk to.
 
-It answers what the client asks for a file (``HEAD`` and ``GET /{repo}/resolve/{revision}/{path}``) the way
-the Hub does: the commit in ``X-Repo-Commit``, the content's hash as ``ETag``, byte ranges, and errors as an
-HTTP status with ``X-Error-Code`` (RepoNotFound for a private or unknown repository, GatedRepo, RevisionNotFound,
-EntryNotFound). Every request is logged, so a test can tell that a second run made none.
+It answers what the client asks the way the Hub does: a file (``HEAD`` and ``GET /{repo}/resolve/{revision}/
+{path}``) with the commit in ``X-Repo-Commit``, the content's hash as ``ETag`` and byte ranges; a repository's
+commit (``/api/models/{repo}/revision/{revision}``) and file list with sizes (``/api/models/{repo}/tree/
+{revision}``); errors as an HTTP status with ``X-Error-Code`` (RepoNotFound for a private or unknown repository,
+GatedRepo, RevisionNotFound, EntryNotFound). Every request is logged, so a test can tell that a second run made
+none; ``drop_after`` cuts the first full download of a file after that many bytes, as a dropped connection.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import threading
 from dataclasses import dataclass, field
@@ -21,6 +24,7 @@ class Repo:
     refs: dict[str, str]  # branch or tag -> commit
     gated: bool = False
     private: bool = False
+    drop_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before the first cut
 
     def commit(self, revision: str) -> str | None:
         if revision in self.files:
@@ -32,6 +36,7 @@ class Repo:
 class FakeHub:
     repos: dict[str, Repo] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)
+    ranges: list[tuple[str, str]] = field(default_factory=list)  # (path, Range header) of ranged requests
     url: str = ""
 
     def add(self, repo_id: str, files: dict[str, bytes], *, tag: str | None = None, **flags) -> str:
@@ -46,6 +51,11 @@ class FakeHub:
 
 
 RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")
+API = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<kind>revision|tree)/(?P<revision>[^/]+))?$")
+
+
+def _sha256(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
 
 
 def _handler(hub: FakeHub):
@@ -60,34 +70,60 @@ def _handler(hub: FakeHub):
             self.send_header("Content-Length", "0")
             self.end_headers()
 
+        def _json(self, data) -> None:
+            body = json.dumps(data).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
         def _serve(self, body: bool) -> None:
             hub.requests.append((self.command, self.path))
-            match = RESOLVE.match(self.path.split("?")[0])
+            path = self.path.split("?")[0]
+            match = RESOLVE.match(path) or API.match(path)
             repo = hub.repos.get(match["repo"]) if match else None
             if repo is None or repo.private:
                 return self._error(401, "RepoNotFound")
             if repo.gated:
                 return self._error(403, "GatedRepo")
-            commit = repo.commit(match["revision"])
+            api = "kind" in match.groupdict()
+            commit = repo.commit(match["revision"] or "main")
             if commit is None:
                 return self._error(404, "RevisionNotFound")
-            content = repo.files[commit].get(match["path"])
+            files = repo.files[commit]
+            if api and match["kind"] != "tree":  # the repository's info, at a revision or at main
+                return self._json(
+                    {"id": match["repo"], "sha": commit, "siblings": [{"rfilename": p} for p in files]}
+                )
+            if api:
+                return self._json(
+                    [
+                        {"type": "file", "path": p, "size": len(c), "oid": _sha256(c)}
+                        for p, c in sorted(files.items())
+                    ]
+                )
+            content = files.get(match["path"])
             if content is None:
                 return self._error(404, "EntryNotFound")
             start, end = 0, len(content)
             ranged = re.match(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
             if ranged:
+                hub.ranges.append((path, self.headers["Range"]))
                 start = int(ranged[1])
                 end = int(ranged[2]) + 1 if ranged[2] else len(content)
             self.send_response(206 if ranged else 200)
             self.send_header("X-Repo-Commit", commit)
-            self.send_header("ETag", f'"{hashlib.sha256(content).hexdigest()}"')
+            self.send_header("ETag", f'"{_sha256(content)}"')
             self.send_header("Content-Length", str(end - start))
             if ranged:
                 self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(content)}")
             self.end_headers()
             if body:
-                self.wfile.write(content[start:end])
+                cut = repo.drop_after.pop(match["path"], None) if not ranged else None
+                self.wfile.write(content[start:end] if cut is None else content[start : start + cut])
+                if cut is not None:
+                    self.close_connection = True  # the rest never comes: the client sees the body cut short
 
         def do_HEAD(self) -> None:  # noqa: N802 - the http.server protocol
             self._serve(body=False)

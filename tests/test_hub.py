@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 import fitune
@@ -14,6 +15,7 @@ from fitune.cli import EXIT_ERROR, app
 from fitune.errors import ModelSourceError
 from fitune.recipe import Recipe
 
+from .conftest import save_tiny_model, tiny_recipe
 from .hubserver import FakeHub, start
 
 QWEN = {  # a Qwen2-style model no catalog entry describes
@@ -71,10 +73,6 @@ def test_plan_of_a_hub_model_outside_the_catalog_fetches_its_config_alone_once(h
     again = CliRunner().invoke(app, ["plan", REPO, "--gpu", "rtx-4090", "--top", "1"])
     assert again.exit_code == 0, again.output
     assert hub.requests == []  # the cached config, no request
-    from fitune.models import sources
-
-    with pytest.raises(ModelSourceError, match=f"the weights of hub id '{REPO}' are not in the local"):
-        sources.resolve(_recipe())  # training needs the weights, which a plan never fetched
 
 
 def test_a_plan_sees_the_real_architecture_at_the_pinned_revision(hub):
@@ -142,7 +140,7 @@ def test_offline_uses_the_cache_and_says_what_to_do_without_it(hub, monkeypatch)
     with pytest.raises(ModelSourceError) as raised:
         fitune.plan(_recipe())
     assert str(raised.value).startswith(
-        f"model.source: config.json of hub id {REPO!r} is not in the local Hugging Face cache"
+        f"model.source: config.json of hub id {REPO!r}: not in the local Hugging Face cache"
     )
     assert "and HF_HUB_OFFLINE is set; fix: run online once (unset HF_HUB_OFFLINE)" in str(raised.value)
     assert hub.requests == []
@@ -160,3 +158,106 @@ def test_an_unreachable_hub_is_named_with_the_fix(hub, monkeypatch):
         ModelSourceError, match=r"the Hub at http://127.0.0.1:9 cannot be reached .*; fix: run online once"
     ):
         fitune.plan(_recipe())
+
+
+# --- downloads: what training reads, once --------------------------------------------------------------------
+
+TINY = "tiny-org/tiny-llama"
+
+
+@pytest.fixture
+def tiny_repo(hub, tmp_path):
+    """A tiny Llama's files on the stand-in Hub, with a pickle copy and a README a download must skip."""
+    folder = save_tiny_model(tmp_path / "tiny", dtype="fp32")
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    files["pytorch_model.bin"] = b"pickle"
+    files["README.md"] = b"# tiny"
+    hub.add(TINY, files)
+    return files
+
+
+def _train_recipe(tmp_path, out: str = "run", **model) -> dict:
+    recipe = tiny_recipe(tmp_path)
+    recipe["model"] = {"source": TINY, "dtype": "fp32", **model}
+    recipe["output"]["dir"] = str(tmp_path / out)
+    return recipe
+
+
+def _cli_train(tmp_path, source: str):
+    recipe = _train_recipe(tmp_path)
+    recipe["model"]["source"] = source
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return CliRunner().invoke(app, ["train", str(path), "--max-steps", "1", "--no-progress"])
+
+
+def test_train_downloads_a_hub_model_once_and_the_second_run_asks_nothing(hub, tiny_repo, tmp_path):
+    result = fitune.train(_train_recipe(tmp_path), max_steps=1, progress=False, echo=lambda *a: None)
+    assert result.steps == 1
+    got = {
+        path.rsplit("/", 1)[-1] for method, path in hub.requests if method == "GET" and "/resolve/" in path
+    }
+    assert got == {"config.json", "generation_config.json", "model.safetensors"}  # no pickle, no README
+    commit = hub.repos[TINY].refs["main"]
+    marker = json.loads((tmp_path / "run" / "fitune-run.json").read_text())
+    assert marker["model"] == {"hub_id": TINY, "revision": None, "commit": commit}
+    hub.requests.clear()
+    again = fitune.train(_train_recipe(tmp_path, "run2"), max_steps=1, progress=False, echo=lambda *a: None)
+    assert again.steps == 1 and hub.requests == []
+
+
+def test_a_dropped_connection_resumes_where_the_file_stopped(hub, tiny_repo, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # the client writes what it received in chunks (10 MB by default): small ones, for a small file
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 256)
+    hub.repos[TINY].drop_after["model.safetensors"] = 1000
+    result = fitune.train(_train_recipe(tmp_path), max_steps=1, progress=False, echo=lambda *a: None)
+    assert result.steps == 1
+    gets = [path for method, path in hub.requests if method == "GET" and path.endswith("model.safetensors")]
+    assert len(gets) == 2  # cut once, then resumed from the bytes already on disk
+    ((path, ranged),) = hub.ranges
+    assert path == f"/{TINY}/resolve/{hub.repos[TINY].refs['main']}/model.safetensors"
+    assert 0 < int(ranged.removeprefix("bytes=").rstrip("-")) <= 1000
+    from fitune.models import hub as hub_module
+
+    blob = hub_module.cache_dir() / "models--tiny-org--tiny-llama" / "blobs"
+    assert sorted(p.read_bytes() for p in blob.iterdir() if p.stat().st_size > 1000) == [
+        tiny_repo["model.safetensors"]
+    ]
+
+
+def test_a_pickle_only_repository_is_refused_before_any_byte(hub, tmp_path):
+    hub.add("old-org/pickled", {"config.json": json.dumps(QWEN).encode(), "pytorch_model.bin": b"pickle"})
+    result = _cli_train(tmp_path, "old-org/pickled")
+    assert result.exit_code == EXIT_ERROR, result.output
+    assert _flat(result.output).endswith(
+        "error: model.source: old-org/pickled has no .safetensors weights: its weights are pickle files only "
+        "(pytorch_model.bin), and fitune never unpickles model files (loading one can run any code); fix: use a "
+        "repository of the model with safetensors weights, or convert these on a machine you trust and point "
+        "model.source at the folder"
+    )
+    assert not any(path.endswith(".bin") for _, path in hub.requests)
+
+
+def test_a_gated_model_ends_with_what_to_do_when_training(hub, tmp_path):
+    hub.add("meta/gated-lm", {"config.json": json.dumps(QWEN).encode()}, gated=True)
+    result = _cli_train(tmp_path, "meta/gated-lm")
+    assert result.exit_code == EXIT_ERROR, result.output
+    assert "accept its licence there, then set HF_TOKEN" in _flat(result.output)
+    assert "Traceback" not in result.output
+
+
+def test_the_disk_is_checked_against_the_hubs_sizes_before_the_first_byte(
+    hub, tiny_repo, tmp_path, monkeypatch
+):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40, 2**29))
+    with pytest.raises(
+        ModelSourceError, match=r"kept free\) and the disk has 0.50 GiB; fix: free space there"
+    ):
+        fitune.train(_train_recipe(tmp_path), max_steps=1, progress=False, echo=lambda *a: None)
+    assert not any("/resolve/" in path for _, path in hub.requests)

@@ -502,7 +502,8 @@ def test_uncached_hub_id_is_a_clear_error(hf_cache):
     with pytest.raises(ModelSourceError) as err:
         sources.resolve(_recipe({"source": "tiny-org/not-downloaded"}))
     msg = str(err.value)
-    assert "the weights of hub id 'tiny-org/not-downloaded' are not in the local Hugging Face cache" in msg
+    assert "the weights of hub id 'tiny-org/not-downloaded': not in the local Hugging Face cache" in msg
+    assert "and HF_HUB_OFFLINE is set; fix: run online once (unset HF_HUB_OFFLINE)" in msg
     assert "`hf download tiny-org/not-downloaded`" in msg
 
 

@@ -55,24 +55,30 @@ def _unreachable(timeout: float = 5.0) -> str | None:
 
 def _offline_error(repo_id: str, what: str, why: str) -> ModelSourceError:
     return ModelSourceError(
-        f"model.source: {what} of hub id {repo_id!r} is not in the local Hugging Face cache ({cache_dir()}), "
+        f"model.source: {what} of hub id {repo_id!r}: not in the local Hugging Face cache ({cache_dir()}), "
         f"and {why}; fix: run online once (unset HF_HUB_OFFLINE), or on a machine with access run "
         f"`hf download {repo_id}` and copy the cache, or point model.source at a local folder or .gguf file"
     )
+
+
+def _go_online(repo_id: str, what: str) -> None:
+    """Raise when offline or the endpoint cannot be reached (said at once, not after the client's retries);
+    else tell the client it is online, whatever the environment said when it was imported."""
+    if offline():
+        raise _offline_error(repo_id, what, "HF_HUB_OFFLINE is set")
+    unreachable = _unreachable()
+    if unreachable is not None:
+        raise _offline_error(repo_id, what, f"the Hub at {endpoint()} cannot be reached ({unreachable})")
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = False
 
 
 def fetch_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
     """``filename`` of the model repository ``repo_id`` at ``revision`` (branch, tag or commit; None = main):
     from the cache when it is there, else downloaded into it. Failures raise ModelSourceError with the fix."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
     options = {
         "repo_id": repo_id,
@@ -85,33 +91,10 @@ def fetch_file(repo_id: str, filename: str, revision: str | None = None) -> Path
         return Path(hf_hub_download(**options, local_files_only=True))
     except LocalEntryNotFoundError:
         pass  # not cached
-    if offline():
-        raise _offline_error(repo_id, filename, "HF_HUB_OFFLINE is set") from None
-    unreachable = _unreachable()
-    if unreachable is not None:  # said at once, not after the client's retries
-        raise _offline_error(repo_id, filename, f"the Hub at {endpoint()} cannot be reached ({unreachable})")
-    from huggingface_hub import constants
-
-    constants.HF_HUB_OFFLINE = False  # the environment now says online, whatever it said at the import
-    page = f"{endpoint()}/{repo_id}"
+    _go_online(repo_id, filename)
     try:
-        return Path(hf_hub_download(**options))
-    except GatedRepoError:
-        raise ModelSourceError(
-            f"model.source: {repo_id} is a gated model and this machine has no access to it; fix: sign in at "
-            f"{page}, accept its licence there, then set HF_TOKEN to an access token of that account "
-            "(https://huggingface.co/settings/tokens)"
-        ) from None
-    except RevisionNotFoundError:
-        raise ModelSourceError(
-            f"model.revision: {revision!r} is not a branch, tag or commit of {repo_id}; fix: name one listed at "
-            f"{page}, or remove model.revision for the main branch"
-        ) from None
-    except RepositoryNotFoundError:
-        raise ModelSourceError(
-            f"model.source: no model repository {repo_id!r} at {endpoint()} (or it is private); fix: check the "
-            "id (owner/name, as in its address), and for a private model set HF_TOKEN to a token with access"
-        ) from None
+        with _api_errors(repo_id, revision):
+            return Path(hf_hub_download(**options))
     except RemoteEntryNotFoundError:
         raise ModelSourceError(
             f"model.source: {repo_id} has no {filename}{f' at revision {revision}' if revision else ''}, so it "
@@ -121,13 +104,202 @@ def fetch_file(repo_id: str, filename: str, revision: str | None = None) -> Path
     except LocalEntryNotFoundError as exc:  # no connection, or the Hub unreachable
         why = f"the Hub at {endpoint()} cannot be reached ({str(exc).splitlines()[0][:160]})"
         raise _offline_error(repo_id, filename, why) from None
-    except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else "no"
-        raise ModelSourceError(
-            f"model.source: the Hub answered {status} for {filename} of {repo_id}: "
-            f"{str(exc).splitlines()[0][:200]}; fix: try again later, or check HF_TOKEN and HF_ENDPOINT"
-        ) from None
     except OSError as exc:
         raise _offline_error(
             repo_id, filename, f"the Hub at {endpoint()} cannot be reached ({exc})"
         ) from None
+
+
+# --- a model's files -----------------------------------------------------------------------------------------
+
+# what training reads: weights (safetensors only), config, tokenizer and generation files
+WANTED = (
+    ".safetensors",
+    ".safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DISK_MARGIN = 2**30  # kept free beyond the download, for the run's own files
+ATTEMPTS = 3  # per file; a dropped connection resumes where the partial file ends
+
+
+def _wanted(path: str) -> bool:
+    return "/" not in path and path.endswith(WANTED)
+
+
+def _api_errors(repo_id: str, revision: str | None):
+    """The context that turns the client's errors for ``repo_id`` into ModelSourceError."""
+    import contextlib
+
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    page = f"{endpoint()}/{repo_id}"
+
+    @contextlib.contextmanager
+    def errors():
+        try:
+            yield
+        except GatedRepoError:
+            raise ModelSourceError(
+                f"model.source: {repo_id} is a gated model and this machine has no access to it; fix: sign in at "
+                f"{page}, accept its licence there, then set HF_TOKEN to an access token of that account "
+                "(https://huggingface.co/settings/tokens)"
+            ) from None
+        except RevisionNotFoundError:
+            raise ModelSourceError(
+                f"model.revision: {revision!r} is not a branch, tag or commit of {repo_id}; fix: name one listed "
+                f"at {page}, or remove model.revision for the main branch"
+            ) from None
+        except RepositoryNotFoundError:
+            raise ModelSourceError(
+                f"model.source: no model repository {repo_id!r} at {endpoint()} (or it is private); fix: check "
+                "the id (owner/name, as in its address), and for a private model set HF_TOKEN to a token with "
+                "access"
+            ) from None
+        except RemoteEntryNotFoundError:
+            raise  # the caller names the missing file
+        except HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else "no"
+            raise ModelSourceError(
+                f"model.source: the Hub answered {status} for {repo_id}: {str(exc).splitlines()[0][:200]}; fix: "
+                "try again later, or check HF_TOKEN and HF_ENDPOINT"
+            ) from None
+
+    return errors()
+
+
+def _forwarding_tqdm(advance):
+    """A tqdm class that draws nothing and passes each update's byte count to ``advance``."""
+    from tqdm.auto import tqdm
+
+    class Forward(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+        def update(self, n=1):
+            advance(n or 0)
+            return super().update(n)
+
+    return Forward
+
+
+def download_model(
+    repo_id: str, revision: str | None = None, *, show_progress: bool = True
+) -> tuple[Path, str]:
+    """Download what training reads of ``repo_id`` at ``revision`` into the Hugging Face cache; returns the
+    snapshot folder and the commit. Pickle-only weights are refused, and the free disk is checked against
+    the sizes the Hub reports before the first byte."""
+    import shutil
+    import sys
+
+    from huggingface_hub import HfApi, hf_hub_download
+
+    _go_online(repo_id, "the weights")
+    api = HfApi(endpoint=endpoint())
+    with _api_errors(repo_id, revision):
+        commit = api.model_info(repo_id, revision=revision).sha
+        files = [
+            f for f in api.list_repo_tree(repo_id, revision=commit, recursive=True) if hasattr(f, "size")
+        ]
+    names = [f.path for f in files]
+    if not any(n.endswith(".safetensors") for n in names):
+        pickles = [n for n in names if n.endswith(PICKLED)]
+        what = (
+            f"its weights are pickle files only ({', '.join(pickles[:3])})"
+            if pickles
+            else "it holds no weights"
+        )
+        raise ModelSourceError(
+            f"model.source: {repo_id} has no .safetensors weights{f' at {revision}' if revision else ''}: {what}, "
+            "and fitune never unpickles model files (loading one can run any code); fix: use a repository of "
+            "the model with safetensors weights, or convert these on a machine you trust and point "
+            "model.source at the folder"
+        )
+    chosen = [f for f in files if _wanted(f.path)]
+    blobs = cache_dir() / f"models--{repo_id.replace('/', '--')}" / "blobs"
+    have = {p.name for p in blobs.iterdir()} if blobs.is_dir() else set()
+    todo = [f for f in chosen if not (f.lfs and f.lfs.sha256 in have) and f.blob_id not in have]
+    need = sum(f.size or 0 for f in todo)
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if need + DISK_MARGIN > free:
+        raise ModelSourceError(
+            f"model.source: {repo_id} needs {need / 2**30:.2f} GiB in {folder} (plus {DISK_MARGIN / 2**30:.0f} GiB "
+            f"kept free) and the disk has {free / 2**30:.2f} GiB; fix: free space there, or set HF_HUB_CACHE to a "
+            "folder on a larger disk"
+        )
+    bar = None
+    advance = lambda n: None  # noqa: E731
+    if show_progress and sys.stderr.isatty() and need:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        bar = Progress(
+            TextColumn(f"downloading {repo_id}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        task = bar.add_task(repo_id, total=need)
+        advance = lambda n: bar.update(task, advance=n)  # noqa: E731
+        bar.start()
+    try:
+        for f in chosen:
+            for attempt in range(1, ATTEMPTS + 1):
+                try:
+                    with _api_errors(repo_id, revision):
+                        path = hf_hub_download(
+                            repo_id,
+                            f.path,
+                            revision=commit,
+                            cache_dir=str(folder),
+                            endpoint=endpoint(),
+                            tqdm_class=_forwarding_tqdm(advance),
+                        )
+                    break
+                except ModelSourceError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a dropped connection: the partial file is kept
+                    if attempt == ATTEMPTS:
+                        raise ModelSourceError(
+                            f"model.source: downloading {f.path} of {repo_id} failed {ATTEMPTS} times "
+                            f"({str(exc).splitlines()[0][:160]}); fix: run the same command again: the download "
+                            "resumes where it stopped"
+                        ) from None
+    finally:
+        if bar is not None:
+            bar.stop()
+    name = revision or "main"
+    if name != commit:  # a branch or tag: later offline runs find the commit through it
+        ref = folder / f"models--{repo_id.replace('/', '--')}" / "refs" / name
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(commit)
+    return Path(path).parent, commit

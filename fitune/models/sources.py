@@ -52,6 +52,7 @@ class ResolvedSource:
     weights_dir: Path | None
     tokenizer_source: str | None  # folder/hub id of the tokenizer; None = built-in byte tokenizer
     description: str
+    commit: str | None = None  # the Hub commit of a hub id's weights
 
 
 def resolve(recipe, *, need_weights: bool = True) -> ResolvedSource:
@@ -207,34 +208,39 @@ def _hub_snapshot(repo_id: str, revision: str | None, *, what: str = "the weight
 
 
 def _not_cached(repo_id: str, what: str = "the weights") -> ModelSourceError:
+    """A hub id missing from the cache (model.tokenizer reads the cache only; model.source downloads)."""
     field = "model.tokenizer" if what == "the tokenizer" else "model.source"
     return ModelSourceError(
-        f"{field}: {what} of hub id {repo_id!r} {'is' if what == 'the tokenizer' else 'are'} not in the local "
-        "Hugging Face cache and fitune "
-        "never downloads weights at run time (this machine may be offline); fix: on a machine with access run "
-        f"`hf download {repo_id}` and copy the cache, or point {field} at a local folder or .gguf file"
+        f"{field}: {what} of hub id {repo_id!r}: not in the local Hugging Face cache; fix: name it once as "
+        f"model.source on a machine that is online (fitune downloads it), or run `hf download {repo_id}`, or "
+        f"point {field} at a local folder or .gguf file"
     )
 
 
+def _hub_source(recipe, folder: Path, repo_id: str) -> ResolvedSource:
+    source = _from_folder(recipe, folder, kind="hub", label=repo_id)
+    source.commit = folder.name  # a snapshot folder is named by its commit
+    return source
+
+
 def _from_hub(recipe, repo_id: str, *, need_weights: bool) -> ResolvedSource:
-    """A cached snapshot of ``repo_id``; for planning (``need_weights=False``) its config.json alone will do,
-    from the cache or the Hub."""
+    """``repo_id`` from the Hugging Face cache, downloaded into it when training needs weights it lacks; for
+    planning (``need_weights=False``) its config.json alone will do, from the cache or the Hub."""
     from fitune.models import hub
 
     revision = recipe.model.revision
     try:
         folder = _hub_snapshot(repo_id, revision)
     except ModelSourceError:
-        if need_weights:
-            raise
         folder = None
     if folder is not None:
         weights = any(folder.glob("*.safetensors"))
         pickles = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
         if weights or (need_weights and pickles):
-            return _from_folder(recipe, folder, kind="hub", label=repo_id)  # names pickle-only weights
-        if need_weights:
-            raise _not_cached(repo_id)  # a plan fetched the config alone
+            return _hub_source(recipe, folder, repo_id)  # pickle-only weights are named there
+    if need_weights:  # not cached, or only the config a plan fetched: download what training reads
+        folder, _ = hub.download_model(repo_id, revision)
+        return _hub_source(recipe, folder, repo_id)
     path = hub.fetch_file(repo_id, "config.json", revision)  # a plan's: from the cache when it is there
     where = f"{repo_id}/config.json" + (f" at {revision}" if revision else "")
     try:

@@ -169,6 +169,13 @@ def _run(recipe, out, run, signals, max_steps, resume, progress, echo) -> TrainR
     from fitune.models.tokenizers import load_tokenizer
 
     source = sources.resolve(recipe)
+    if source.commit is not None:  # which weights a hub id meant, for the record
+        run.base["model"] = {
+            "hub_id": recipe.model.source,
+            "revision": recipe.model.revision,
+            "commit": source.commit,
+        }
+        run.write("running")
     tokenizer = load_tokenizer(source, source.config)
     with byte_progress(recipe.resolve_path(recipe.data.path), "tokenizing", progress) as read:
         data = load_dataset(recipe, tokenizer, read)
