@@ -87,6 +87,16 @@ def test_a_plan_sees_the_real_architecture_at_the_pinned_revision(hub):
     )  # the doctor read qwen2's config
 
 
+def test_a_config_without_vocab_size_takes_it_from_the_tokenizer(hub):
+    config = {k: v for k, v in QWEN.items() if k != "vocab_size"}
+    tokenizer = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}}, "added_tokens": [{"id": 9000}]}
+    files = {"config.json": json.dumps(config).encode(), "tokenizer.json": json.dumps(tokenizer).encode()}
+    hub.add("someone/no-vocab", files)
+    from fitune.models import sources
+
+    assert sources.resolve(_recipe("someone/no-vocab"), need_weights=False).config.vocab_size == 9001
+
+
 @pytest.mark.parametrize(
     ("flags", "source", "revision", "message"),
     [
@@ -261,3 +271,18 @@ def test_the_disk_is_checked_against_the_hubs_sizes_before_the_first_byte(
     ):
         fitune.train(_train_recipe(tmp_path), max_steps=1, progress=False, echo=lambda *a: None)
     assert not any("/resolve/" in path for _, path in hub.requests)
+
+
+def test_a_pinned_revision_is_downloaded_recorded_and_found_again_offline(
+    hub, tiny_repo, tmp_path, monkeypatch
+):
+    commit = hub.add(TINY, tiny_repo, tag="v2")
+    fitune.train(_train_recipe(tmp_path, revision="v2"), max_steps=1, progress=False, echo=lambda *a: None)
+    marker = json.loads((tmp_path / "run" / "fitune-run.json").read_text())
+    assert marker["model"] == {"hub_id": TINY, "revision": "v2", "commit": commit}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.requests.clear()
+    again = fitune.train(
+        _train_recipe(tmp_path, "run2", revision="v2"), max_steps=1, progress=False, echo=lambda *a: None
+    )
+    assert again.steps == 1 and hub.requests == []

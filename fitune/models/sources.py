@@ -247,10 +247,28 @@ def _from_hub(recipe, repo_id: str, *, need_weights: bool) -> ResolvedSource:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelSourceError(f"{where}: not valid JSON ({exc}); fix: name a transformers model") from None
+    text = data.get("text_config") if isinstance(data.get("text_config"), dict) else {}
+    if "vocab_size" not in data and "vocab_size" not in text:  # the tokenizer says it, not the config
+        data["vocab_size"] = _vocab_size(hub.fetch_file(repo_id, "tokenizer.json", revision), repo_id)
     config = config_from_dict(data, where=where)
     return ResolvedSource(
         "hub", config, None, _tokenizer_source(recipe, None), f"{repo_id} (config from the Hub)"
     )
+
+
+def _vocab_size(tokenizer_json: Path, repo_id: str) -> int:
+    """Token ids a tokenizer.json can produce: one more than the largest of its vocabulary and added tokens."""
+    try:
+        data = json.loads(tokenizer_json.read_text())
+        vocab = data["model"]["vocab"]
+        ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]
+        ids += [t["id"] for t in data.get("added_tokens") or []]
+        return max(ids) + 1
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelSourceError(
+            f"model.source: {repo_id}'s config.json has no vocab_size and its tokenizer.json cannot tell it "
+            f"({exc}); fix: plan a recipe with model.config holding the architecture and its vocab_size"
+        ) from None
 
 
 # --- GGUF ------------------------------------------------------------------------------------------------
