@@ -4,6 +4,7 @@ failure (gated, private, unknown revision, offline) ends in fitune's message wit
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -286,3 +287,34 @@ def test_a_pinned_revision_is_downloaded_recorded_and_found_again_offline(
         _train_recipe(tmp_path, "run2", revision="v2"), max_steps=1, progress=False, echo=lambda *a: None
     )
     assert again.steps == 1 and hub.requests == []
+
+
+def test_a_snapshot_missing_a_shard_is_completed_before_training(hub, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fitune.models import hub as hub_module
+    from fitune.models.sources import config_from_dict
+
+    from .conftest import TINY_LLAMA
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        config_from_dict(dict(TINY_LLAMA), where="tiny"), dtype=torch.float32
+    )
+    model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="100KB")
+    files = {p.name: p.read_bytes() for p in (tmp_path / "sharded").iterdir()}
+    shards = sorted(n for n in files if n.endswith(".safetensors"))
+    assert len(shards) > 1 and "model.safetensors.index.json" in files
+    hub.add(TINY, files)
+    fitune.train(_train_recipe(tmp_path), max_steps=1, progress=False, echo=lambda *a: None)
+    snapshot = next((hub_module.cache_dir() / "models--tiny-org--tiny-llama" / "snapshots").iterdir())
+    assert hub_module.snapshot_complete(snapshot)
+    (snapshot / shards[-1]).unlink()  # as a download cut short between two shards leaves it
+    (next(snapshot.parent.parent.glob("blobs")) / hashlib.sha256(files[shards[-1]]).hexdigest()).unlink()
+    assert not hub_module.snapshot_complete(snapshot)
+    hub.requests.clear()
+    again = fitune.train(_train_recipe(tmp_path, "run2"), max_steps=1, progress=False, echo=lambda *a: None)
+    assert again.steps == 1
+    fetched = [path for method, path in hub.requests if method == "GET" and "/resolve/" in path]
+    assert [path.rsplit("/", 1)[-1] for path in fetched] == [shards[-1]]  # only what was missing

@@ -232,7 +232,10 @@ def download_model(
             "the model with safetensors weights, or convert these on a machine you trust and point "
             "model.source at the folder"
         )
-    chosen = [f for f in files if _wanted(f.path)]
+    # weights last: a snapshot cut short then holds the shard index and lacks a shard, which reads as incomplete
+    chosen = sorted(
+        (f for f in files if _wanted(f.path)), key=lambda f: (f.path.endswith(".safetensors"), f.path)
+    )
     blobs = cache_dir() / f"models--{repo_id.replace('/', '--')}" / "blobs"
     have = {p.name for p in blobs.iterdir()} if blobs.is_dir() else set()
     todo = [f for f in chosen if not (f.lfs and f.lfs.sha256 in have) and f.blob_id not in have]
@@ -240,7 +243,7 @@ def download_model(
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
-    if need + DISK_MARGIN > free:
+    if need and need + DISK_MARGIN > free:
         raise ModelSourceError(
             f"model.source: {repo_id} needs {need / 2**30:.2f} GiB in {folder} (plus {DISK_MARGIN / 2**30:.0f} GiB "
             f"kept free) and the disk has {free / 2**30:.2f} GiB; fix: free space there, or set HF_HUB_CACHE to a "
@@ -303,3 +306,17 @@ def download_model(
         ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(commit)
     return Path(path).parent, commit
+
+
+def snapshot_complete(folder: Path) -> bool:
+    """A snapshot holds every weight file its shard index names (or, unsharded, a safetensors file)."""
+    import json
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return False
+        return all((folder / shard).is_file() for shard in shards)
+    return any(folder.glob("*.safetensors"))

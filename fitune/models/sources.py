@@ -234,7 +234,7 @@ def _from_hub(recipe, repo_id: str, *, need_weights: bool) -> ResolvedSource:
     except ModelSourceError:
         folder = None
     if folder is not None:
-        weights = any(folder.glob("*.safetensors"))
+        weights = hub.snapshot_complete(folder)
         pickles = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
         if weights or (need_weights and pickles):
             return _hub_source(recipe, folder, repo_id)  # pickle-only weights are named there

@@ -168,7 +168,9 @@ def _run(recipe, out, run, signals, max_steps, resume, progress, echo) -> TrainR
     from fitune.models import sources
     from fitune.models.tokenizers import load_tokenizer
 
+    run.phase = "model"  # resolving the source, which downloads a hub id's weights
     source = sources.resolve(recipe)
+    run.phase = "data"
     if source.commit is not None:  # which weights a hub id meant, for the record
         run.base["model"] = {
             "hub_id": recipe.model.source,
