@@ -68,6 +68,7 @@ def test_plan_of_a_hub_model_outside_the_catalog_fetches_its_config_alone_once(h
     result = CliRunner().invoke(app, ["plan", REPO, "--gpu", "rtx-4090", "--top", "1"])
     assert result.exit_code == 0, result.output
     assert f"plan search {REPO} on" in _flat(result.output)
+    assert "auto->" not in result.output  # train.attention: auto leaves the kernel to the search
     fetched = {path for _, path in hub.requests}
     assert fetched == {f"/{REPO}/resolve/main/config.json"}, hub.requests  # no weights, no tokenizer
     hub.requests.clear()

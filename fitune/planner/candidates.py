@@ -154,8 +154,15 @@ def setting(recipe, dotted: str) -> Any:
     return node
 
 
+def unchanged(base, key: str, value: Any) -> bool:
+    """A candidate keeps the recipe's setting: the same value, or any kernel where the recipe says
+    ``train.attention: auto`` (auto leaves the kernel to fitune)."""
+    old = setting(base, key)
+    return old == value or (key == "train.attention" and old == "auto")
+
+
 def _changes(base, s: dict[str, Any]) -> tuple[list[str], int]:
-    changed = [k for k, v in s.items() if k != "hardware.device" and setting(base, k) != v]
+    changed = [k for k, v in s.items() if k != "hardware.device" and not unchanged(base, k, v)]
     counted = {name for name, keys in KNOBS.items() if any(k in changed for k in keys)}
     if base.method.kind == "full" == s["method.kind"]:
         counted.discard("rank")

@@ -61,17 +61,17 @@ def twin_text(twins: list[str]) -> str:
 
 def change_text(candidate: Candidate, base) -> str:
     """The searched settings a candidate changes, e.g. ``lora->qlora, r16->8, 1x8``."""
-    from fitune.planner.candidates import KNOBS, setting
+    from fitune.planner.candidates import KNOBS, setting, unchanged
 
     parts = []
     for name in KNOBS:
         if name == "rank" and candidate.settings["method.kind"] == "full":
             continue
+        if all(unchanged(base, k, candidate.settings[k]) for k in KNOBS[name]):
+            continue
         old = tuple(setting(base, k) for k in KNOBS[name])
         old = old if len(old) > 1 else old[0]
         new = candidate.knob(name)
-        if old == new:
-            continue
         if name == "checkpointing":
             parts.append(knob_label(name, new))
         else:
