@@ -35,10 +35,17 @@ class Lengths:
     truncated: int = 0  # examples longer than seq_len + 1 tokens (inputs and shifted targets span seq_len)
     no_target: int = 0  # examples without a target within the kept tokens (load_dataset drops them)
 
-    def add(self, n_tokens: int, has_target: bool) -> None:
+    def keep(self, example: Example) -> tuple[Example, bool]:
+        """Count ``example`` and cut it to what training keeps (inputs and shifted targets both span seq_len);
+        returns the kept example and whether it still has a target."""
+        n_tokens, keep = len(example.input_ids), self.seq_len + 1
+        if n_tokens > keep:
+            example = Example(example.input_ids[:keep], example.loss_mask[:keep])
+        has_target = any(example.loss_mask[1:])
         self.tokens.append(n_tokens)
-        self.truncated += n_tokens > self.seq_len + 1
+        self.truncated += n_tokens > keep
         self.no_target += not has_target
+        return example, has_target
 
     def quantile(self, q: float) -> int:
         """The ``q`` quantile of the token lengths (nearest rank)."""
@@ -284,6 +291,31 @@ def tokenize_text(tokenizer, text: str) -> Example:
     return Example(ids, [True] * len(ids))
 
 
+def read_examples(
+    path: Path, fmt: str | None, tokenizer=None, progress: Callable[[int], None] | None = None
+) -> Iterator[tuple[str, Example | DataError | None]]:
+    """Every non-blank line of ``path``, checked (and, with a tokenizer, tokenized) as training reads it:
+    ``(format, result)``, the result being the line's Example (None without a tokenizer) or its DataError.
+    A problem with the whole file (missing, empty, unknown format, no chat template) raises. The doctor's
+    data check and ``load_dataset`` both read through here, so they cannot disagree about a line."""
+    found = None
+    for lineno, row, problem in iter_jsonl(path, progress):
+        where = f"{path}:{lineno}"
+        if problem is None and found is None:
+            found = format_of(path, lineno, row, fmt)
+            if tokenizer is not None:
+                check_template(found, tokenizer)
+        try:
+            if problem is not None:
+                raise DataError(problem + BAD_LINE_FIX)
+            content = row_content(row, found, where)
+            example = tokenize_row(tokenizer, content, where) if tokenizer is not None else None
+        except DataError as exc:
+            yield found, exc
+            continue
+        yield found, example
+
+
 def load_dataset(recipe, tokenizer, progress: Callable[[int], None] | None = None) -> TokenizedData:
     """Read, check and tokenize ``recipe.data``; ``progress`` is called with the bytes read so far."""
     spec = recipe.data
@@ -293,27 +325,16 @@ def load_dataset(recipe, tokenizer, progress: Callable[[int], None] | None = Non
     fmt: str | None = None
     examples: list[Example] = []
     lengths = Lengths(recipe.train.seq_len)
-    keep = recipe.train.seq_len + 1  # inputs and shifted targets both span seq_len
-    for lineno, row, problem in iter_jsonl(path, progress):
-        where = f"{path}:{lineno}"
-        if problem is None and fmt is None:
-            fmt = format_of(path, lineno, row, spec.format)
-            check_template(fmt, tokenizer)
-        try:
-            if problem is not None:
-                raise DataError(problem + BAD_LINE_FIX)
-            ex = tokenize_row(tokenizer, row_content(row, fmt, where), where)
-        except DataError as exc:
+    for found, result in read_examples(path, spec.format, tokenizer, progress):
+        fmt = found
+        if isinstance(result, DataError):
             if spec.on_bad_line == "skip":
-                skipped.append(str(exc).partition("; fix: ")[0])
+                skipped.append(str(result).partition("; fix: ")[0])
                 continue
-            raise
-        n_tokens = len(ex.input_ids)
-        ex = Example(ex.input_ids[:keep], ex.loss_mask[:keep]) if n_tokens > keep else ex
-        has_target = any(ex.loss_mask[1:])
-        lengths.add(n_tokens, has_target)
+            raise result
+        example, has_target = lengths.keep(result)
         if has_target:
-            examples.append(ex)
+            examples.append(example)
     if not examples:
         raise DataError(
             f"{path}: no usable examples (all skipped, or without targets within train.seq_len "

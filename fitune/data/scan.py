@@ -1,8 +1,8 @@
 """The preflight's data check: the dataset read once, line by line, as training reads it, before any weight.
 
-Rows go through the same checks (``row_content``) and tokenization (``tokenize_row``) as ``load_dataset``,
-so the doctor and training cannot disagree about a row. One line is in memory at a time, plus one token
-count per example (4 bytes), so a file of any size is read in constant memory.
+Lines are read through ``read_examples``, as ``load_dataset`` reads them, so the doctor and training cannot
+disagree about a line. One line is in memory at a time, plus one token count per example (4 bytes), so a
+file of any size is read in constant memory.
 """
 
 from __future__ import annotations
@@ -14,15 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fitune.data.dataset import (
-    BAD_LINE_FIX,
-    Lengths,
-    check_template,
-    format_of,
-    iter_jsonl,
-    row_content,
-    tokenize_row,
-)
+from fitune.data.dataset import Lengths, read_examples
 from fitune.errors import DataError, FituneError
 
 MAX_LISTED = 20  # bad lines named one by one; the rest are counted
@@ -53,26 +45,15 @@ def scan_dataset(
     """
     scan = DataScan(path, lengths=Lengths(seq_len) if tokenizer is not None else None)
     try:
-        for lineno, row, problem in iter_jsonl(path, progress):
-            where = f"{path}:{lineno}"
-            if problem is None and scan.format is None:
-                scan.format = format_of(path, lineno, row, fmt)
-                if tokenizer is not None:
-                    check_template(scan.format, tokenizer)
-            try:
-                if problem is not None:
-                    raise DataError(problem + BAD_LINE_FIX)
-                content = row_content(row, scan.format, where)
-                example = tokenize_row(tokenizer, content, where) if tokenizer is not None else None
-            except DataError as exc:
+        for scan.format, result in read_examples(path, fmt, tokenizer, progress):
+            if isinstance(result, DataError):
                 scan.bad_count += 1
                 if len(scan.bad_lines) < MAX_LISTED:
-                    scan.bad_lines.append(str(exc))
+                    scan.bad_lines.append(str(result))
                 continue
             scan.examples += 1
-            if example is not None:
-                kept = example.loss_mask[1 : seq_len + 1]  # targets of the tokens training keeps
-                scan.lengths.add(len(example.input_ids), any(kept))
+            if result is not None:
+                scan.lengths.keep(result)
     except DataError as exc:
         scan.fatal = str(exc)
     return scan
