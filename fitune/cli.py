@@ -501,12 +501,12 @@ def doctor(
         r = _load(recipe)
         from fitune.attention import plan_line
         from fitune.preflight import environment_for
-        from fitune.preflight.run import model_config_of
+        from fitune.preflight.run import resolved_source
 
         env = environment_for(r)
-        findings = run_doctor(r, env=env)
-        config = model_config_of(r)
-        attention = plan_line(r, config, env) if config is not None else None
+        source, _ = resolved_source(r)
+        findings = run_doctor(r, env=env, source=source)
+        attention = plan_line(r, source.config, env) if source is not None else None
     except RecipeError as exc:
         _fail(exc, EXIT_INVALID_RECIPE)
     except FituneError as exc:

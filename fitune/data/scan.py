@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fitune.data.dataset import Lengths, read_examples
 from fitune.errors import DataError, FituneError
+from fitune.progress import byte_bar
 
 MAX_LISTED = 20  # bad lines named one by one; the rest are counted
 PROGRESS_FROM_BYTES = 4 * 2**20  # a progress bar for files from this size on (on a terminal)
@@ -110,15 +110,15 @@ class Issue:
     fix_text: str
 
 
-def tokenizer_for(recipe):
-    """(the recipe's tokenizer, None), loaded without any weight, or (None, why it cannot be yet)."""
-    from fitune.models import sources
+def tokenizer_for(source, source_error: str | None):
+    """(the tokenizer of a source resolved without weights, None), or (None, why it cannot be loaded yet)."""
     from fitune.models.tokenizers import load_tokenizer
 
+    if source is None:
+        return None, source_error
+    if source.kind in ("alias", "hub") and source.weights_dir is None:
+        return None, "the model's tokenizer comes with its weights, which are not downloaded yet"
     try:
-        source = sources.resolve(recipe, need_weights=False)
-        if source.kind in ("alias", "hub") and source.weights_dir is None:
-            return None, "the model's tokenizer comes with its weights, which are not downloaded yet"
         return load_tokenizer(source, source.config), None
     except FituneError as exc:
         return None, str(exc).partition("; fix: ")[0]
@@ -132,31 +132,22 @@ def byte_progress(path: Path, verb: str, show: bool = True) -> Iterator[Callable
         size = path.stat().st_size
     except OSError:
         size = 0
-    if not (show and size >= PROGRESS_FROM_BYTES and sys.stderr.isatty()):
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn(f"{verb} {{task.description}}"),
-        BarColumn(),
-        DownloadColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
-    task = bar.add_task(path.name, total=size)
-    with bar:
-        yield lambda done: bar.update(task, completed=done)
+    with byte_bar(f"{verb} {path.name}", size if size >= PROGRESS_FROM_BYTES else 0, show=show) as update:
+        yield None if update is None else lambda done: update(completed=done)
 
 
 def check_data(
-    recipe, *, tokenize: bool = True, show_progress: bool = True
+    recipe,
+    *,
+    tokenize: bool = True,
+    show_progress: bool = True,
+    source=None,
+    source_error: str | None = None,
 ) -> tuple[list[Issue], int | None]:
     """What the data check has to say about ``recipe.data``, and the number of usable examples.
 
-    With ``tokenize`` the recipe's tokenizer is loaded (never a weight) to measure token lengths; without it
+    With ``tokenize`` the tokenizer of ``source`` (the model's source resolved without weights; None with
+    ``source_error`` saying why it could not be) is loaded to measure token lengths; without it
     (``fitune train``, which tokenizes right after, before loading weights) rows are checked for structure.
     Returns no issues and None when the recipe has no data.
     """
@@ -166,7 +157,7 @@ def check_data(
     path = recipe.resolve_path(spec.path)
     tokenizer, why_untokenized = None, None
     if tokenize and path.is_file():
-        tokenizer, why_untokenized = tokenizer_for(recipe)
+        tokenizer, why_untokenized = tokenizer_for(source, source_error)
     with byte_progress(path, "checking", show_progress) as progress:
         scan = scan_dataset(path, spec.format, recipe.train.seq_len, tokenizer, progress)
     if scan.fatal is not None:

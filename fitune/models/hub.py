@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from fitune.errors import ModelSourceError
+from fitune.progress import byte_bar
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
@@ -200,6 +201,36 @@ def _forwarding_tqdm(advance):
     return Forward
 
 
+def _download_file(repo_id: str, filename: str, commit: str, revision: str | None, tqdm_class) -> Path:
+    """One file of the snapshot at ``commit``, tried ATTEMPTS times (the client itself resumes a connection
+    cut mid-file with a byte range; a new attempt starts that file again)."""
+    from huggingface_hub import hf_hub_download
+
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            with _api_errors(repo_id, revision):
+                return Path(
+                    hf_hub_download(
+                        repo_id,
+                        filename,
+                        revision=commit,
+                        cache_dir=str(cache_dir()),
+                        endpoint=endpoint(),
+                        tqdm_class=tqdm_class,
+                    )
+                )
+        except ModelSourceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the connection failed past the client's own retries
+            if attempt == ATTEMPTS:
+                raise ModelSourceError(
+                    f"model.source: downloading {filename} of {repo_id} failed {ATTEMPTS} times "
+                    f"({str(exc).splitlines()[0][:160]}); fix: run the same command again: the files already "
+                    "downloaded are kept"
+                ) from None
+    raise AssertionError("unreachable")
+
+
 def download_model(
     repo_id: str, revision: str | None = None, *, show_progress: bool = True
 ) -> tuple[Path, str]:
@@ -207,9 +238,8 @@ def download_model(
     snapshot folder and the commit. Pickle-only weights are refused, and the free disk is checked against
     the sizes the Hub reports before the first byte."""
     import shutil
-    import sys
 
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import HfApi
 
     _go_online(repo_id, "the weights")
     api = HfApi(endpoint=endpoint())
@@ -236,11 +266,11 @@ def download_model(
     chosen = sorted(
         (f for f in files if _wanted(f.path)), key=lambda f: (f.path.endswith(".safetensors"), f.path)
     )
-    blobs = cache_dir() / f"models--{repo_id.replace('/', '--')}" / "blobs"
-    have = {p.name for p in blobs.iterdir()} if blobs.is_dir() else set()
+    folder = cache_dir()
+    repo_cache = folder / f"models--{repo_id.replace('/', '--')}"  # the client's layout of the cache
+    have = {p.name for p in (repo_cache / "blobs").iterdir()} if (repo_cache / "blobs").is_dir() else set()
     todo = [f for f in chosen if not (f.lfs and f.lfs.sha256 in have) and f.blob_id not in have]
     need = sum(f.size or 0 for f in todo)
-    folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if need and need + DISK_MARGIN > free:
@@ -249,63 +279,17 @@ def download_model(
             f"kept free) and the disk has {free / 2**30:.2f} GiB; fix: free space there, or set HF_HUB_CACHE to a "
             "folder on a larger disk"
         )
-    bar = None
-    advance = lambda n: None  # noqa: E731
-    if show_progress and sys.stderr.isatty() and need:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
+    with byte_bar(f"downloading {repo_id}", need, show=show_progress, speed=True) as update:
+        tqdm_class = _forwarding_tqdm(
+            (lambda n: update(advance=n)) if update is not None else (lambda n: None)
         )
-
-        bar = Progress(
-            TextColumn(f"downloading {repo_id}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
-        task = bar.add_task(repo_id, total=need)
-        advance = lambda n: bar.update(task, advance=n)  # noqa: E731
-        bar.start()
-    try:
-        for f in chosen:
-            for attempt in range(1, ATTEMPTS + 1):
-                try:
-                    with _api_errors(repo_id, revision):
-                        path = hf_hub_download(
-                            repo_id,
-                            f.path,
-                            revision=commit,
-                            cache_dir=str(folder),
-                            endpoint=endpoint(),
-                            tqdm_class=_forwarding_tqdm(advance),
-                        )
-                    break
-                except ModelSourceError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - a dropped connection: the partial file is kept
-                    if attempt == ATTEMPTS:
-                        raise ModelSourceError(
-                            f"model.source: downloading {f.path} of {repo_id} failed {ATTEMPTS} times "
-                            f"({str(exc).splitlines()[0][:160]}); fix: run the same command again: the download "
-                            "resumes where it stopped"
-                        ) from None
-    finally:
-        if bar is not None:
-            bar.stop()
+        paths = [_download_file(repo_id, f.path, commit, revision, tqdm_class) for f in chosen]
     name = revision or "main"
     if name != commit:  # a branch or tag: later offline runs find the commit through it
-        ref = folder / f"models--{repo_id.replace('/', '--')}" / "refs" / name
+        ref = repo_cache / "refs" / name
         ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(commit)
-    return Path(path).parent, commit
+    return paths[-1].parent, commit
 
 
 def snapshot_complete(folder: Path) -> bool:

@@ -27,14 +27,14 @@ def environment_for(recipe, *, training: bool = False):
         raise
 
 
-def model_config_of(recipe) -> dict | None:
-    """The model's config as a dict, without loading weights (None when it cannot be resolved cheaply)."""
+def resolved_source(recipe):
+    """(the model's source resolved without weights, None), or (None, why it cannot be resolved)."""
     from fitune.models import sources
 
     try:
-        return sources.resolve(recipe, need_weights=False).config.to_dict()
-    except FituneError:
-        return None
+        return sources.resolve(recipe, need_weights=False), None
+    except FituneError as exc:
+        return None, str(exc).partition("; fix: ")[0]
 
 
 def planned_peak(recipe, env) -> int | None:
@@ -56,22 +56,31 @@ def doctor(
     training: bool = False,
     with_plan: bool = True,
     with_data: bool = True,
+    source=None,
 ) -> list[Finding]:
     """Check a recipe against its environment, its memory fit and its dataset; findings come errors first.
 
     The dataset is read line by line (never a weight): bad lines as file:line, and, unless ``training``
     (which tokenizes right after, before loading weights), the token lengths against ``train.seq_len``.
+    ``source`` is the model's source when the caller has resolved it (``resolved_source``).
     """
     from fitune.data.scan import check_data
 
     env = env if env is not None else environment_for(recipe, training=training)
-    issues, usable = check_data(recipe, tokenize=not training) if with_data else ([], None)
+    why = None
+    if source is None:
+        source, why = resolved_source(recipe)
+    issues, usable = (
+        check_data(recipe, tokenize=not training, source=source, source_error=why)
+        if with_data
+        else ([], None)
+    )
     if planned_peak_bytes is None and with_plan:
         planned_peak_bytes = planned_peak(recipe, env)
     ctx = DoctorContext(
         recipe=recipe,
         env=env,
-        model_config=model_config_of(recipe),
+        model_config=source.config.to_dict() if source is not None else None,
         planned_peak_bytes=planned_peak_bytes,
         data_examples=usable,
     )
