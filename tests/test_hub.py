@@ -319,3 +319,26 @@ def test_a_snapshot_missing_a_shard_is_completed_before_training(hub, tmp_path):
     assert again.steps == 1
     fetched = [path for method, path in hub.requests if method == "GET" and "/resolve/" in path]
     assert [path.rsplit("/", 1)[-1] for path in fetched] == [shards[-1]]  # only what was missing
+
+
+def test_a_fresh_process_finds_the_cached_model_without_a_request(hub, tiny_repo, tmp_path):
+    """The client's own local_files_only lookup builds request headers, which fetch a registry from the Hub;
+    a new process (the second `fitune` command) must find a cached config, and cached weights, with no request."""
+    import subprocess
+    import sys
+
+    from fitune.models import sources
+
+    sources.resolve(_recipe(), need_weights=False)  # a plan: config.json alone
+    sources.resolve(Recipe.from_dict({"model": {"source": TINY}}))  # training: the weights
+    hub.requests.clear()
+    code = (
+        "from fitune.recipe import Recipe; from fitune.models import sources; "
+        f"plan = sources.resolve(Recipe.from_dict({{'model': {{'source': '{REPO}'}}}}), need_weights=False); "
+        f"train = sources.resolve(Recipe.from_dict({{'model': {{'source': '{TINY}'}}}})); "
+        "print(plan.config.num_hidden_layers, train.commit)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(QWEN["num_hidden_layers"]), hub.repos[TINY].refs["main"]]
+    assert hub.requests == []

@@ -78,7 +78,7 @@ def _go_online(repo_id: str, what: str) -> None:
 def fetch_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
     """``filename`` of the model repository ``repo_id`` at ``revision`` (branch, tag or commit; None = main):
     from the cache when it is there, else downloaded into it. Failures raise ModelSourceError with the fix."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
     options = {
@@ -88,10 +88,11 @@ def fetch_file(repo_id: str, filename: str, revision: str | None = None) -> Path
         "cache_dir": str(cache_dir()),
         "endpoint": endpoint(),
     }
-    try:
-        return Path(hf_hub_download(**options, local_files_only=True))
-    except LocalEntryNotFoundError:
-        pass  # not cached
+    # a purely local lookup: the client's own local_files_only call still builds request headers, which
+    # fetches a registry from the Hub (once a day) on a run that needs nothing from it
+    cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir(), revision=revision)
+    if isinstance(cached, str):
+        return Path(cached)
     _go_online(repo_id, filename)
     try:
         with _api_errors(repo_id, revision):
