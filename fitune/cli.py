@@ -267,7 +267,7 @@ def _print_search(result, top: int, from_defaults: bool) -> None:
 def _portable(recipe):
     """The recipe with its relative data and model paths made absolute, so it can be written elsewhere."""
     changes = {}
-    if recipe.data is not None and not Path(recipe.data.path).is_absolute():
+    if recipe.data is not None and recipe.data.path is not None and not Path(recipe.data.path).is_absolute():
         changes["data.path"] = str(recipe.resolve_path(recipe.data.path).resolve())
     src = recipe.model.source
     if src and not Path(src).is_absolute() and recipe.resolve_path(src).exists():

@@ -70,13 +70,48 @@ class MethodSpec(_Strict):
     )
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 class DataSpec(_Strict):
-    path: str = Field(..., description="JSONL file (one example per line).")
+    path: str | None = Field(None, description="JSONL file (one example per line); or set `hub`.")
+    hub: str | None = Field(
+        None, description="A Hugging Face Hub dataset (owner/name): its split's JSONL files, cached."
+    )
+    revision: str | None = Field(
+        None, description="Branch, tag or commit of the dataset in data.hub (default: its main branch)."
+    )
+    subset: str | None = Field(
+        None, description="A subset (config) of the dataset in data.hub, as its dataset card names it."
+    )
+    split: str = Field("train", description="The split of the dataset in data.hub that training reads.")
     format: DataFormat | None = Field(None, description="messages | alpaca | text; detected when omitted.")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of examples held out for eval loss.")
     on_bad_line: OnBadLine = Field(
         "error", description="error: stop at a corrupt line; skip: count and skip it."
     )
+
+    @model_validator(mode="after")
+    def _one_place(self) -> DataSpec:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError(
+                "data needs `path` (a local JSONL file) or `hub` (a Hugging Face dataset, owner/name), "
+                f"not {'both' if self.path else 'neither'}; fix: keep one of them"
+            )
+        if self.hub is not None and not HUB_ID.fullmatch(self.hub):
+            raise ValueError(
+                f"data.hub: {self.hub!r} is not a dataset id; fix: write owner/name, as in the dataset's "
+                "address on the Hub"
+            )
+        if self.path is not None:
+            set_here = [k for k in ("revision", "subset") if getattr(self, k) is not None]
+            set_here += ["split"] if self.split != "train" else []
+            if set_here:
+                raise ValueError(
+                    f"data.{set_here[0]} applies to data.hub only, and this recipe reads data.path; fix: "
+                    f"remove data.{set_here[0]}"
+                )
+        return self
 
 
 class TrainSpec(_Strict):

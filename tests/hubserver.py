@@ -1,15 +1,16 @@
 """A small stand-in for the Hugging Face Hub on 127.0.0.1, for the real ``huggingface_hub`` client to talk to.
 
 It answers what the client asks the way the Hub does: a file (``HEAD`` and ``GET /{repo}/resolve/{revision}/
-{path}``) with the commit in ``X-Repo-Commit``, the content's hash as ``ETag`` and byte ranges; a repository's
-commit (``/api/models/{repo}/revision/{revision}``) and file list with sizes (``/api/models/{repo}/tree/
-{revision}``); errors as an HTTP status with ``X-Error-Code`` (RepoNotFound for a private or unknown repository,
+{path}``, ``/datasets/{repo}/...`` for a dataset) with the commit in ``X-Repo-Commit``, the content's hash as
+``ETag`` and byte ranges; a repository's commit (``/api/models/{repo}/revision/{revision}``, ``/api/datasets/...``
+for a dataset) and file list with sizes (``/api/models/{repo}/tree/{revision}``); errors as an HTTP status with ``X-Error-Code`` (RepoNotFound for a private or unknown repository,
 GatedRepo, RevisionNotFound, EntryNotFound). Every request is logged, so a test can tell that a second run made
 none; ``drop_after`` cuts the first full download of a file after that many bytes, as a dropped connection.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -39,10 +40,14 @@ class FakeHub:
     ranges: list[tuple[str, str]] = field(default_factory=list)  # (path, Range header) of ranged requests
     url: str = ""
 
-    def add(self, repo_id: str, files: dict[str, bytes], *, tag: str | None = None, **flags) -> str:
-        """A new commit of ``repo_id`` holding ``files``, made the head of main (and ``tag``); its hash."""
-        commit = hashlib.sha1(repr((repo_id, sorted(files.items()))).encode()).hexdigest()
-        repo = self.repos.setdefault(repo_id, Repo({}, {}, **flags))
+    def add(
+        self, repo_id: str, files: dict[str, bytes], *, tag: str | None = None, dataset: bool = False, **flags
+    ) -> str:
+        """A new commit of ``repo_id`` (a model, or a dataset) holding ``files``, made the head of main (and
+        ``tag``); its hash. A dataset is kept as ``datasets/owner/name``."""
+        key = f"datasets/{repo_id}" if dataset else repo_id
+        commit = hashlib.sha1(repr((key, sorted(files.items()))).encode()).hexdigest()
+        repo = self.repos.setdefault(key, Repo({}, {}, **flags))
         repo.files[commit] = dict(files)
         repo.refs["main"] = commit
         if tag:
@@ -50,8 +55,10 @@ class FakeHub:
         return commit
 
 
-RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")
-API = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<kind>revision|tree)/(?P<revision>[^/]+))?$")
+RESOLVE = re.compile(r"^/(?P<repo>(?:datasets/)?[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")
+API = re.compile(
+    r"^/api/(?P<type>models|datasets)/(?P<repo>[^/]+/[^/]+)(?:/(?P<kind>revision|tree)/(?P<revision>[^/]+))?$"
+)
 
 
 def _sha256(content: bytes) -> str:
@@ -82,7 +89,14 @@ def _handler(hub: FakeHub):
             hub.requests.append((self.command, self.path))
             path = self.path.split("?")[0]
             match = RESOLVE.match(path) or API.match(path)
-            repo = hub.repos.get(match["repo"]) if match else None
+            key = None
+            if match:
+                key = (
+                    f"datasets/{match['repo']}"
+                    if match.groupdict().get("type") == "datasets"
+                    else match["repo"]
+                )
+            repo = hub.repos.get(key) if key else None
             if repo is None or repo.private:
                 return self._error(401, "RepoNotFound")
             if repo.gated:
@@ -140,3 +154,19 @@ def start(hub: FakeHub) -> ThreadingHTTPServer:
     hub.url = f"http://127.0.0.1:{server.server_address[1]}"
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+@contextlib.contextmanager
+def serving(fake: FakeHub, tmp_path, monkeypatch):
+    """``fake`` served, with the environment pointing the client at it and an empty Hugging Face cache."""
+    server = start(fake)
+    monkeypatch.setenv("HF_ENDPOINT", fake.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    for name in ("HF_HUB_OFFLINE", "HF_TOKEN", "HF_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        yield fake
+    finally:
+        server.shutdown()
+        server.server_close()

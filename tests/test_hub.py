@@ -17,7 +17,7 @@ from fitune.errors import ModelSourceError
 from fitune.recipe import Recipe
 
 from .conftest import save_tiny_model, tiny_recipe
-from .hubserver import FakeHub, start
+from .hubserver import FakeHub, serving
 
 QWEN = {  # a Qwen2-style model no catalog entry describes
     "model_type": "qwen2",
@@ -39,15 +39,8 @@ def hub(tmp_path, monkeypatch):
     fake = FakeHub()
     fake.add(REPO, {"config.json": json.dumps({**QWEN, "num_hidden_layers": 2}).encode()}, tag="v1")
     fake.add(REPO, {"config.json": json.dumps(QWEN).encode(), "model.safetensors": WEIGHTS})
-    server = start(fake)
-    monkeypatch.setenv("HF_ENDPOINT", fake.url)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    for name in ("HF_HUB_OFFLINE", "HF_TOKEN", "HF_HOME"):
-        monkeypatch.delenv(name, raising=False)
-    yield fake
-    server.shutdown()
-    server.server_close()
+    with serving(fake, tmp_path, monkeypatch):
+        yield fake
 
 
 def _recipe(source: str = REPO, **model) -> Recipe:

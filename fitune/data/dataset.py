@@ -86,14 +86,15 @@ def check_data_path(path: Path) -> None:
 
 
 def iter_jsonl(
-    path: Path, progress: Callable[[int], None] | None = None
+    path: Path, progress: Callable[[int], None] | None = None, *, empty_ok: bool = False
 ) -> Iterator[tuple[int, dict | None, str | None]]:
     """Stream ``(line number, row, None)`` or ``(line number, None, problem)`` for each non-blank line.
 
     The file is read in binary and decoded per line, so a UTF-8 BOM, CRLF endings and blank lines are
     accepted and invalid UTF-8 is reported by line and by the bad byte's offset within the file (0-based).
     One line is in memory at a time; ``progress`` is called with the bytes read so far. Raises for a missing
-    file, a folder, or a file without a single non-blank line.
+    file, a folder, or a file without a single non-blank line (unless
+    ``empty_ok``).
     """
     check_data_path(path)
     offset = 0  # bytes of the file before the current line
@@ -127,7 +128,7 @@ def iter_jsonl(
                 yield lineno, None, f"{path}:{lineno}: not a valid JSON object ({exc})"
                 continue
             yield lineno, row, None
-    if not seen:
+    if not seen and not empty_ok:
         raise DataError(
             f"data.path: {path} is empty (no JSONL lines); fix: add one example per line, or point "
             "data.path at the right file"
@@ -291,41 +292,86 @@ def tokenize_text(tokenizer, text: str) -> Example:
     return Example(ids, [True] * len(ids))
 
 
+@dataclass(frozen=True)
+class DataFiles:
+    """Where ``recipe.data`` is: the local file of ``data.path``, or the cached files of ``data.hub``'s split."""
+
+    paths: tuple[Path, ...]
+    label: str  # the file's path, or "owner/name (split)"
+    hub: object | None = None  # the HubSplit of data.hub
+
+    @property
+    def size(self) -> int:
+        total = 0
+        for path in self.paths:
+            try:
+                total += path.stat().st_size
+            except OSError:
+                pass
+        return total
+
+
+def data_files(recipe, *, show_progress: bool = True) -> DataFiles:
+    """The files ``recipe.data`` names; a hub dataset's split comes from the cache, else it is downloaded
+    (raising ModelSourceError or DataError with the fix when it cannot be)."""
+    spec = recipe.data
+    if spec.hub is None:
+        path = recipe.resolve_path(spec.path)
+        return DataFiles((path,), str(path))
+    from fitune.data.hub import resolve_split
+
+    split = resolve_split(spec.hub, spec.revision, spec.subset, spec.split, show_progress=show_progress)
+    return DataFiles(split.files, split.label, split)
+
+
 def read_examples(
-    path: Path, fmt: str | None, tokenizer=None, progress: Callable[[int], None] | None = None
+    files: Path | DataFiles, fmt: str | None, tokenizer=None, progress: Callable[[int], None] | None = None
 ) -> Iterator[tuple[str, Example | DataError | None]]:
-    """Every non-blank line of ``path``, checked (and, with a tokenizer, tokenized) as training reads it:
-    ``(format, result)``, the result being the line's Example (None without a tokenizer) or its DataError.
-    A problem with the whole file (missing, empty, unknown format, no chat template) raises. The doctor's
-    data check and ``load_dataset`` both read through here, so they cannot disagree about a line."""
-    found = None
-    for lineno, row, problem in iter_jsonl(path, progress):
-        where = f"{path}:{lineno}"
-        if problem is None and found is None:
-            found = format_of(path, lineno, row, fmt)
-            if tokenizer is not None:
-                check_template(found, tokenizer)
-        try:
-            if problem is not None:
-                raise DataError(problem + BAD_LINE_FIX)
-            content = row_content(row, found, where)
-            example = tokenize_row(tokenizer, content, where) if tokenizer is not None else None
-        except DataError as exc:
-            yield found, exc
-            continue
-        yield found, example
+    """Every non-blank line of ``files`` (one file, or a split's files in turn), checked (and, with a tokenizer,
+    tokenized) as training reads it: ``(format, result)``, the result being the line's Example (None without a
+    tokenizer) or its DataError. A problem with the whole data (missing, empty, unknown format, no chat
+    template) raises. The doctor's data check and ``load_dataset`` both read through here, so they cannot
+    disagree about a line. ``progress`` is called with the bytes read so far, over all the files."""
+    paths = (files,) if isinstance(files, Path) else files.paths
+    found, done = None, 0
+    for path in paths:
+        step = None if progress is None else (lambda n, base=done: progress(base + n))
+        for lineno, row, problem in iter_jsonl(path, step, empty_ok=len(paths) > 1):
+            where = f"{path}:{lineno}"
+            if problem is None and found is None:
+                found = format_of(path, lineno, row, fmt)
+                if tokenizer is not None:
+                    check_template(found, tokenizer)
+            try:
+                if problem is not None:
+                    raise DataError(problem + BAD_LINE_FIX)
+                content = row_content(row, found, where)
+                example = tokenize_row(tokenizer, content, where) if tokenizer is not None else None
+            except DataError as exc:
+                yield found, exc
+                continue
+            yield found, example
+        done += path.stat().st_size
+    if found is None and len(paths) > 1:
+        raise DataError(
+            f"data.hub: {files.label}: its {len(paths)} files hold no example; fix: check data.split and "
+            "data.subset"
+        )
 
 
-def load_dataset(recipe, tokenizer, progress: Callable[[int], None] | None = None) -> TokenizedData:
-    """Read, check and tokenize ``recipe.data``; ``progress`` is called with the bytes read so far."""
+def load_dataset(
+    recipe, tokenizer, progress: Callable[[int], None] | None = None, files: DataFiles | None = None
+) -> TokenizedData:
+    """Read, check and tokenize ``recipe.data`` (at ``files``, resolved here when not given); ``progress`` is
+    called with the bytes read so far."""
     spec = recipe.data
     assert spec is not None
-    path = recipe.resolve_path(spec.path)
+    files = files or data_files(recipe)
     skipped: list[str] = []
     fmt: str | None = None
     examples: list[Example] = []
     lengths = Lengths(recipe.train.seq_len)
-    for found, result in read_examples(path, spec.format, tokenizer, progress):
+    for found, result in read_examples(files, spec.format, tokenizer, progress):
         fmt = found
         if isinstance(result, DataError):
             if spec.on_bad_line == "skip":
@@ -337,7 +383,7 @@ def load_dataset(recipe, tokenizer, progress: Callable[[int], None] | None = Non
             examples.append(example)
     if not examples:
         raise DataError(
-            f"{path}: no usable examples (all skipped, or without targets within train.seq_len "
+            f"{files.label}: no usable examples (all skipped, or without targets within train.seq_len "
             f"{recipe.train.seq_len}); fix: repair the data, or raise train.seq_len"
         )
     rng = random.Random(recipe.train.seed)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fitune.data.dataset import Lengths, read_examples
+from fitune.data.dataset import DataFiles, Lengths, data_files, read_examples
 from fitune.errors import DataError, FituneError
 from fitune.progress import byte_bar
 
@@ -23,7 +23,7 @@ PROGRESS_FROM_BYTES = 4 * 2**20  # a progress bar for files from this size on (o
 
 @dataclass
 class DataScan:
-    path: Path
+    files: DataFiles
     format: str | None = None
     examples: int = 0  # rows that pass the row checks
     bad_lines: list[str] = field(default_factory=list)  # the first MAX_LISTED, "file:line: problem"
@@ -33,19 +33,21 @@ class DataScan:
 
 
 def scan_dataset(
-    path: Path,
+    files: Path | DataFiles,
     fmt: str | None,
     seq_len: int,
     tokenizer=None,
     progress: Callable[[int], None] | None = None,
 ) -> DataScan:
-    """Check every line of ``path``; with a tokenizer, measure token lengths against ``seq_len`` too.
+    """Check every line of ``files``; with a tokenizer, measure token lengths against ``seq_len`` too.
 
     Problems are collected, never raised. ``progress`` is called with the bytes read so far.
     """
-    scan = DataScan(path, lengths=Lengths(seq_len) if tokenizer is not None else None)
+    if isinstance(files, Path):
+        files = DataFiles((files,), str(files))
+    scan = DataScan(files, lengths=Lengths(seq_len) if tokenizer is not None else None)
     try:
-        for scan.format, result in read_examples(path, fmt, tokenizer, progress):
+        for scan.format, result in read_examples(files, fmt, tokenizer, progress):
             if isinstance(result, DataError):
                 scan.bad_count += 1
                 if len(scan.bad_lines) < MAX_LISTED:
@@ -125,14 +127,16 @@ def tokenizer_for(source, source_error: str | None):
 
 
 @contextlib.contextmanager
-def byte_progress(path: Path, verb: str, show: bool = True) -> Iterator[Callable[[int], None] | None]:
-    """A progress callback over ``path``'s bytes, drawn as a bar on a terminal's stderr for a large file;
-    None (no bar) for a small file, a missing one, or output that is not a terminal."""
-    try:
-        size = path.stat().st_size
-    except OSError:
-        size = 0
-    with byte_bar(f"{verb} {path.name}", size if size >= PROGRESS_FROM_BYTES else 0, show=show) as update:
+def byte_progress(
+    files: Path | DataFiles, verb: str, show: bool = True
+) -> Iterator[Callable[[int], None] | None]:
+    """A progress callback over the bytes of ``files``, drawn as a bar on a terminal's stderr for large data;
+    None (no bar) for small data, a missing file, or output that is not a terminal."""
+    if isinstance(files, Path):
+        files = DataFiles((files,), str(files))
+    size = files.size
+    name = files.paths[0].name if files.hub is None else files.label
+    with byte_bar(f"{verb} {name}", size if size >= PROGRESS_FROM_BYTES else 0, show=show) as update:
         yield None if update is None else lambda done: update(completed=done)
 
 
@@ -154,16 +158,21 @@ def check_data(
     spec = recipe.data
     if spec is None:
         return [], None
-    path = recipe.resolve_path(spec.path)
+    try:
+        files = data_files(recipe, show_progress=show_progress)
+    except FituneError as exc:  # a hub dataset that cannot be had: offline, unknown, gated, no such split
+        message, _, fix = str(exc).partition("; fix: ")
+        return [Issue("data-unreadable", "error", message, fix or "check data.hub")], None
     tokenizer, why_untokenized = None, None
-    if tokenize and path.is_file():
+    if tokenize and all(path.is_file() for path in files.paths):
         tokenizer, why_untokenized = tokenizer_for(source, source_error)
-    with byte_progress(path, "checking", show_progress) as progress:
-        scan = scan_dataset(path, spec.format, recipe.train.seq_len, tokenizer, progress)
+    with byte_progress(files, "checking", show_progress) as progress:
+        scan = scan_dataset(files, spec.format, recipe.train.seq_len, tokenizer, progress)
     if scan.fatal is not None:
         message, _, fix = scan.fatal.partition("; fix: ")
         return [Issue("data-unreadable", "error", message, fix or "check data.path and data.format")], None
     issues = []
+    name = files.paths[0].name if files.hub is None else files.label
     skip = spec.on_bad_line == "skip"
     if scan.bad_count:
         more = scan.bad_count - len(scan.bad_lines)
@@ -172,7 +181,7 @@ def check_data(
             Issue(
                 "data-bad-lines",
                 "warning" if skip else "error",
-                f"{scan.bad_count} bad line(s) in {path.name}"
+                f"{scan.bad_count} bad line(s) in {name}"
                 + (" (skipped: data.on_bad_line is skip)" if skip else "")
                 + f":{listed}"
                 + (f"\n    ... and {more} more" if more else ""),
@@ -183,7 +192,10 @@ def check_data(
     if scan.examples == 0:
         issues.append(
             Issue(
-                "data-no-examples", "error", f"{path} has no usable example", "repair the lines listed above"
+                "data-no-examples",
+                "error",
+                f"{files.label} has no usable example",
+                "repair the lines listed above",
             )
         )
         return issues, 0
@@ -209,8 +221,7 @@ def check_data(
             Issue(
                 "data-no-targets",
                 "error",
-                f"every example of {path.name} loses all its targets within train.seq_len "
-                f"{recipe.train.seq_len}",
+                f"every example of {name} loses all its targets within train.seq_len {recipe.train.seq_len}",
                 "raise train.seq_len (see the token lengths above)",
             )
         )

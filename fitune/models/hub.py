@@ -1,5 +1,5 @@
-"""The Hugging Face Hub, through ``huggingface_hub``: one file of a model repository, cached, with errors in
-fitune's words.
+"""The Hugging Face Hub, through ``huggingface_hub``: files of a model (or dataset) repository, cached, with
+errors in fitune's words.
 
 The endpoint (``HF_ENDPOINT``), the cache (``HF_HUB_CACHE``, else ``HF_HOME``/hub) and offline mode
 (``HF_HUB_OFFLINE``) are read from the environment at each call, not when ``huggingface_hub`` is imported, so
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -17,6 +18,30 @@ from fitune.errors import ModelSourceError
 from fitune.progress import byte_bar
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class RepoKind:
+    """What differs between a model and a dataset repository: the recipe fields that name it, its type for
+    the client, and its folder prefixes in the cache and on the Hub."""
+
+    noun: str  # model | dataset
+    field: str  # the recipe field naming the repository
+    revision_field: str
+    repo_type: str | None  # the client's repo_type (None: a model)
+    folder_prefix: str  # the cache's folder for a repository: {prefix}--owner--name
+    page_prefix: str  # the repository's page: {endpoint}/{prefix}owner/name
+
+    def folder(self, repo_id: str) -> Path:
+        """The repository's folder in the cache (the client's layout)."""
+        return cache_dir() / f"{self.folder_prefix}--{repo_id.replace('/', '--')}"
+
+    def page(self, repo_id: str) -> str:
+        return f"{endpoint()}/{self.page_prefix}{repo_id}"
+
+
+MODEL = RepoKind("model", "model.source", "model.revision", None, "models", "")
+DATASET = RepoKind("dataset", "data.hub", "data.revision", "dataset", "datasets", "datasets/")
 
 
 def endpoint() -> str:
@@ -54,22 +79,28 @@ def _unreachable(timeout: float = 5.0) -> str | None:
     return None
 
 
-def _offline_error(repo_id: str, what: str, why: str) -> ModelSourceError:
+def _offline_error(repo_id: str, what: str, why: str, kind: RepoKind = MODEL) -> ModelSourceError:
+    if kind is MODEL:
+        download, local = f"hf download {repo_id}", "point model.source at a local folder or .gguf file"
+    else:
+        download, local = f"hf download {repo_id} --repo-type dataset", "point data.path at a local file"
     return ModelSourceError(
-        f"model.source: {what} of hub id {repo_id!r}: not in the local Hugging Face cache ({cache_dir()}), "
+        f"{kind.field}: {what} of hub id {repo_id!r}: not in the local Hugging Face cache ({cache_dir()}), "
         f"and {why}; fix: run online once (unset HF_HUB_OFFLINE), or on a machine with access run "
-        f"`hf download {repo_id}` and copy the cache, or point model.source at a local folder or .gguf file"
+        f"`{download}` and copy the cache, or {local}"
     )
 
 
-def _go_online(repo_id: str, what: str) -> None:
+def go_online(repo_id: str, what: str, kind: RepoKind = MODEL) -> None:
     """Raise when offline or the endpoint cannot be reached (said at once, not after the client's retries);
     else tell the client it is online, whatever the environment said when it was imported."""
     if offline():
-        raise _offline_error(repo_id, what, "HF_HUB_OFFLINE is set")
+        raise _offline_error(repo_id, what, "HF_HUB_OFFLINE is set", kind)
     unreachable = _unreachable()
     if unreachable is not None:
-        raise _offline_error(repo_id, what, f"the Hub at {endpoint()} cannot be reached ({unreachable})")
+        raise _offline_error(
+            repo_id, what, f"the Hub at {endpoint()} cannot be reached ({unreachable})", kind
+        )
     from huggingface_hub import constants
 
     constants.HF_HUB_OFFLINE = False
@@ -93,7 +124,7 @@ def fetch_file(repo_id: str, filename: str, revision: str | None = None) -> Path
     cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir(), revision=revision)
     if isinstance(cached, str):
         return Path(cached)
-    _go_online(repo_id, filename)
+    go_online(repo_id, filename)
     try:
         with _api_errors(repo_id, revision):
             return Path(hf_hub_download(**options))
@@ -139,7 +170,7 @@ def _wanted(path: str) -> bool:
     return "/" not in path and path.endswith(WANTED)
 
 
-def _api_errors(repo_id: str, revision: str | None):
+def _api_errors(repo_id: str, revision: str | None, kind: RepoKind = MODEL):
     """The context that turns the client's errors for ``repo_id`` into ModelSourceError."""
     import contextlib
 
@@ -151,7 +182,7 @@ def _api_errors(repo_id: str, revision: str | None):
         RevisionNotFoundError,
     )
 
-    page = f"{endpoint()}/{repo_id}"
+    page, field = kind.page(repo_id), kind.field
 
     @contextlib.contextmanager
     def errors():
@@ -159,27 +190,27 @@ def _api_errors(repo_id: str, revision: str | None):
             yield
         except GatedRepoError:
             raise ModelSourceError(
-                f"model.source: {repo_id} is a gated model and this machine has no access to it; fix: sign in at "
-                f"{page}, accept its licence there, then set HF_TOKEN to an access token of that account "
+                f"{field}: {repo_id} is a gated {kind.noun} and this machine has no access to it; fix: sign in "
+                f"at {page}, accept its licence there, then set HF_TOKEN to an access token of that account "
                 "(https://huggingface.co/settings/tokens)"
             ) from None
         except RevisionNotFoundError:
             raise ModelSourceError(
-                f"model.revision: {revision!r} is not a branch, tag or commit of {repo_id}; fix: name one listed "
-                f"at {page}, or remove model.revision for the main branch"
+                f"{kind.revision_field}: {revision!r} is not a branch, tag or commit of {repo_id}; fix: name one "
+                f"listed at {page}, or remove {kind.revision_field} for the main branch"
             ) from None
         except RepositoryNotFoundError:
             raise ModelSourceError(
-                f"model.source: no model repository {repo_id!r} at {endpoint()} (or it is private); fix: check "
-                "the id (owner/name, as in its address), and for a private model set HF_TOKEN to a token with "
-                "access"
+                f"{field}: no {kind.noun} repository {repo_id!r} at {endpoint()} (or it is private); fix: check "
+                f"the id (owner/name, as in its address), and for a private {kind.noun} set HF_TOKEN to a token "
+                "with access"
             ) from None
         except RemoteEntryNotFoundError:
             raise  # the caller names the missing file
         except HfHubHTTPError as exc:
             status = exc.response.status_code if exc.response is not None else "no"
             raise ModelSourceError(
-                f"model.source: the Hub answered {status} for {repo_id}: {str(exc).splitlines()[0][:200]}; fix: "
+                f"{field}: the Hub answered {status} for {repo_id}: {str(exc).splitlines()[0][:200]}; fix: "
                 "try again later, or check HF_TOKEN and HF_ENDPOINT"
             ) from None
 
@@ -202,18 +233,21 @@ def _forwarding_tqdm(advance):
     return Forward
 
 
-def _download_file(repo_id: str, filename: str, commit: str, revision: str | None, tqdm_class) -> Path:
+def _download_file(
+    repo_id: str, filename: str, commit: str, revision: str | None, tqdm_class, kind: RepoKind = MODEL
+) -> Path:
     """One file of the snapshot at ``commit``, tried ATTEMPTS times (the client itself resumes a connection
     cut mid-file with a byte range; a new attempt starts that file again)."""
     from huggingface_hub import hf_hub_download
 
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            with _api_errors(repo_id, revision):
+            with _api_errors(repo_id, revision, kind):
                 return Path(
                     hf_hub_download(
                         repo_id,
                         filename,
+                        repo_type=kind.repo_type,
                         revision=commit,
                         cache_dir=str(cache_dir()),
                         endpoint=endpoint(),
@@ -225,7 +259,7 @@ def _download_file(repo_id: str, filename: str, commit: str, revision: str | Non
         except Exception as exc:  # noqa: BLE001 - the connection failed past the client's own retries
             if attempt == ATTEMPTS:
                 raise ModelSourceError(
-                    f"model.source: downloading {filename} of {repo_id} failed {ATTEMPTS} times "
+                    f"{kind.field}: downloading {filename} of {repo_id} failed {ATTEMPTS} times "
                     f"({str(exc).splitlines()[0][:160]}); fix: run the same command again: the files already "
                     "downloaded are kept"
                 ) from None
@@ -238,17 +272,8 @@ def download_model(
     """Download what training reads of ``repo_id`` at ``revision`` into the Hugging Face cache; returns the
     snapshot folder and the commit. Pickle-only weights are refused, and the free disk is checked against
     the sizes the Hub reports before the first byte."""
-    import shutil
-
-    from huggingface_hub import HfApi
-
-    _go_online(repo_id, "the weights")
-    api = HfApi(endpoint=endpoint())
-    with _api_errors(repo_id, revision):
-        commit = api.model_info(repo_id, revision=revision).sha
-        files = [
-            f for f in api.list_repo_tree(repo_id, revision=commit, recursive=True) if hasattr(f, "size")
-        ]
+    go_online(repo_id, "the weights")
+    commit, files = repo_files(repo_id, revision)
     names = [f.path for f in files]
     if not any(n.endswith(".safetensors") for n in names):
         pickles = [n for n in names if n.endswith(PICKLED)]
@@ -267,8 +292,38 @@ def download_model(
     chosen = sorted(
         (f for f in files if _wanted(f.path)), key=lambda f: (f.path.endswith(".safetensors"), f.path)
     )
+    paths = download_files(repo_id, revision, commit, chosen, MODEL, show_progress=show_progress)
+    return paths[-1].parent, commit
+
+
+def repo_files(repo_id: str, revision: str | None, kind: RepoKind = MODEL) -> tuple[str, list]:
+    """The commit ``revision`` (None: main) names, and the files of the repository there (with sizes)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint())
+    with _api_errors(repo_id, revision, kind):
+        info = api.dataset_info if kind is DATASET else api.model_info
+        commit = info(repo_id, revision=revision).sha
+        tree = api.list_repo_tree(repo_id, repo_type=kind.repo_type, revision=commit, recursive=True)
+        return commit, [f for f in tree if hasattr(f, "size")]
+
+
+def download_files(
+    repo_id: str,
+    revision: str | None,
+    commit: str,
+    chosen: list,
+    kind: RepoKind,
+    *,
+    show_progress: bool = True,
+) -> list[Path]:
+    """Download ``chosen`` (entries of ``repo_files``) at ``commit`` into the cache, in order, after a free-disk
+    check against the sizes the Hub reports for the files not cached yet, with a byte progress bar; then
+    record which commit ``revision`` named, for later offline runs. Returns the files' paths."""
+    import shutil
+
     folder = cache_dir()
-    repo_cache = folder / f"models--{repo_id.replace('/', '--')}"  # the client's layout of the cache
+    repo_cache = kind.folder(repo_id)
     have = {p.name for p in (repo_cache / "blobs").iterdir()} if (repo_cache / "blobs").is_dir() else set()
     todo = [f for f in chosen if not (f.lfs and f.lfs.sha256 in have) and f.blob_id not in have]
     need = sum(f.size or 0 for f in todo)
@@ -276,7 +331,7 @@ def download_model(
     free = shutil.disk_usage(folder).free
     if need and need + DISK_MARGIN > free:
         raise ModelSourceError(
-            f"model.source: {repo_id} needs {need / 2**30:.2f} GiB in {folder} (plus {DISK_MARGIN / 2**30:.0f} GiB "
+            f"{kind.field}: {repo_id} needs {need / 2**30:.2f} GiB in {folder} (plus {DISK_MARGIN / 2**30:.0f} GiB "
             f"kept free) and the disk has {free / 2**30:.2f} GiB; fix: free space there, or set HF_HUB_CACHE to a "
             "folder on a larger disk"
         )
@@ -284,13 +339,27 @@ def download_model(
         tqdm_class = _forwarding_tqdm(
             (lambda n: update(advance=n)) if update is not None else (lambda n: None)
         )
-        paths = [_download_file(repo_id, f.path, commit, revision, tqdm_class) for f in chosen]
+        paths = [_download_file(repo_id, f.path, commit, revision, tqdm_class, kind) for f in chosen]
     name = revision or "main"
     if name != commit:  # a branch or tag: later offline runs find the commit through it
         ref = repo_cache / "refs" / name
         ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(commit)
-    return paths[-1].parent, commit
+    return paths
+
+
+def cached_commit(repo_id: str, revision: str | None, kind: RepoKind = MODEL) -> str | None:
+    """The commit ``revision`` names in the cache, without a request: a commit hash itself, or what the
+    cache's ref for the branch or tag says; None when the cache does not know it."""
+    import re
+
+    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    ref = kind.folder(repo_id) / "refs" / (revision or "main")
+    try:
+        return ref.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def snapshot_complete(folder: Path) -> bool:

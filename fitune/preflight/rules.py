@@ -305,6 +305,8 @@ def examples(ctx: DoctorContext) -> int | None:
         return None
     if ctx.data_examples is not None:
         return ctx.data_examples
+    if data.path is None:  # a hub dataset: counted by the data check only
+        return None
     path = ctx.recipe.resolve_path(data.path)
     try:
         stat = path.stat()

@@ -17,7 +17,7 @@ import torch
 
 from fitune import __version__
 from fitune.data.batching import MicroBatches, batches_per_epoch
-from fitune.data.dataset import TokenizedData, load_dataset
+from fitune.data.dataset import TokenizedData, data_files, load_dataset
 from fitune.data.scan import byte_progress, length_advice
 from fitune.errors import FituneError, RunInterrupted
 from fitune.recipe import Recipe
@@ -85,7 +85,9 @@ def train(
     ``RunInterrupted``; elsewhere, or a second signal, stops at once.
     """
     if recipe.data is None:
-        raise FituneError("data: the recipe has no data section; fix: add data.path (a JSONL file) to train")
+        raise FituneError(
+            "data: the recipe has no data section; fix: add data.path (a JSONL file) or data.hub (a Hub dataset) to train"
+        )
     out = prepare_run_folder(recipe, overwrite, resume)
     run = RunMarker(out, resumed=resume)
     if not resume:
@@ -178,9 +180,13 @@ def _run(recipe, out, run, signals, max_steps, resume, progress, echo) -> TrainR
             "commit": source.commit,
         }
         run.write("running")
+    files = data_files(recipe, show_progress=progress)  # a hub dataset: from the cache the preflight filled
+    if files.hub is not None:  # which data a hub id meant, for the record
+        run.base["data"] = files.hub.record()
+        run.write("running")
     tokenizer = load_tokenizer(source, source.config)
-    with byte_progress(recipe.resolve_path(recipe.data.path), "tokenizing", progress) as read:
-        data = load_dataset(recipe, tokenizer, read)
+    with byte_progress(files, "tokenizing", progress) as read:
+        data = load_dataset(recipe, tokenizer, read, files)
     steps = max_steps or total_steps(recipe, len(data.train))
     run.phase = "load"
     try:
