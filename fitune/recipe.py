@@ -74,9 +74,10 @@ HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class DataSpec(_Strict):
-    path: str | None = Field(None, description="JSONL file (one example per line); or set `hub`.")
+    path: str | None = Field(None, description="JSONL (one example per line) or Parquet file; or set `hub`.")
     hub: str | None = Field(
-        None, description="A Hugging Face Hub dataset (owner/name): its split's JSONL files, cached."
+        None,
+        description="A Hugging Face Hub dataset (owner/name): its split's JSONL or Parquet files, cached.",
     )
     revision: str | None = Field(
         None, description="Branch, tag or commit of the dataset in data.hub (default: its main branch)."
@@ -95,7 +96,7 @@ class DataSpec(_Strict):
     def _one_place(self) -> DataSpec:
         if (self.path is None) == (self.hub is None):
             raise ValueError(
-                "data needs `path` (a local JSONL file) or `hub` (a Hugging Face dataset, owner/name), "
+                "data needs `path` (a local JSONL or Parquet file) or `hub` (a Hugging Face dataset, owner/name), "
                 f"not {'both' if self.path else 'neither'}; fix: keep one of them"
             )
         if self.hub is not None and not HUB_ID.fullmatch(self.hub):

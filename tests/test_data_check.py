@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tracemalloc
 from pathlib import Path
 
@@ -246,3 +247,38 @@ def test_a_large_file_gets_a_progress_bar_on_a_terminal_only(tmp_path, monkeypat
         assert scan.scan_dataset(path, None, 8, progress=progress).examples == 1
     with scan.byte_progress(path, "checking", show=False) as progress:
         assert progress is None  # --no-progress
+
+
+def _to_parquet(jsonl: Path, parquet: Path, replace: dict[int, dict] | None = None) -> Path:
+    """The rows of ``jsonl`` (row N replaced by ``replace[N]``) as a Parquet file of several row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    for number, row in (replace or {}).items():
+        rows[number - 1] = row
+    pq.write_table(pa.Table.from_pylist(rows), parquet, row_group_size=16)
+    return parquet
+
+
+def test_a_parquet_file_reads_as_its_jsonl_and_a_bad_row_is_named_by_number(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    jsonl = Path(recipe["data"]["path"])
+    plain = load_dataset(Recipe.from_dict(recipe), byte_tokenizer())
+    parquet = _to_parquet(jsonl, tmp_path / "train.parquet")
+    recipe["data"]["path"] = str(parquet)
+    table = load_dataset(Recipe.from_dict(recipe), byte_tokenizer())
+    assert [e.input_ids for e in table.train] == [e.input_ids for e in plain.train]
+    assert [e.loss_mask for e in table.eval] == [e.loss_mask for e in plain.eval]
+    bot = {"messages": [{"role": "user", "content": "say 1"}, {"role": "bot", "content": "one"}]}
+    _to_parquet(jsonl, parquet, {7: bot})
+    message = f"{parquet}:row 7: message 2 has role 'bot', not one of system, user, assistant, tool"
+    (finding,) = [f for f in _data_findings(recipe) if f.rule_id == "data-bad-lines"]
+    assert finding.severity == "error" and message in finding.message
+    with pytest.raises(DataError, match=re.escape(message)):
+        fitune.train(recipe, max_steps=1, **QUIET)
+    parquet.write_bytes(b'{"messages": []}\n')  # JSON under a .parquet name
+    (unreadable,) = [f for f in _data_findings(recipe) if f.rule_id == "data-unreadable"]
+    assert f"data.path: {parquet} is not a readable Parquet file" in unreadable.message
+    _to_parquet(jsonl, parquet)
+    assert fitune.train(recipe, max_steps=1, **QUIET).steps == 1  # the same folder, no flag

@@ -224,14 +224,14 @@ def test_split_files_follows_the_hubs_conventions():
         split_files("o/n", paths, None, "en", "train")
     with pytest.raises(DataError, match=r"data.split: 'eval2' is not a split of o/n \(it has test, train"):
         split_files("o/n", paths, None, None, "eval2")
-    with pytest.raises(DataError, match=r"in files fitune does not read yet \(train-0.parquet\)"):
-        split_files("o/n", ["train-0.parquet"], None, None, "train")
+    with pytest.raises(DataError, match=r"in files fitune does not read yet \(train-0.csv\)"):
+        split_files("o/n", ["train-0.csv"], None, None, "train")
 
 
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"path": "x.jsonl", "hub": DATA}, "data needs `path` (a local JSONL file) or `hub`"),
+        ({"path": "x.jsonl", "hub": DATA}, "data needs `path` (a local JSONL or Parquet file) or `hub`"),
         ({"eval_fraction": 0.1}, "not neither"),
         ({"hub": "just-a-name"}, "data.hub: 'just-a-name' is not a dataset id; fix: write owner/name"),
         ({"path": "x.jsonl", "split": "test"}, "data.split applies to data.hub only"),
@@ -242,3 +242,19 @@ def test_the_recipe_names_a_data_place_once(tmp_path, data, message):
     recipe["data"] = data
     with pytest.raises(Exception, match=message.replace("(", r"\(").replace(")", r"\)")):
         Recipe.from_dict(recipe)
+
+
+def test_a_parquet_dataset_without_a_card_trains(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in _lines(0, 48).decode().splitlines()]
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), buffer, row_group_size=20)
+    fake = FakeHub()
+    files = {"data/train-00000-of-00001.parquet": buffer.getvalue().to_pybytes(), "README.md": b"# no card"}
+    fake.add(DATA, files, dataset=True)
+    with serving(fake, tmp_path, monkeypatch):
+        result = _train(_write(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert "43 train / 5 eval examples (messages)" in _flat(result.output)

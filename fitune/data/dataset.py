@@ -1,4 +1,4 @@
-"""Datasets: JSONL in `messages`, `alpaca` or `text` format, tokenized with loss masks.
+"""Datasets: JSONL or Parquet rows in `messages`, `alpaca` or `text` format, tokenized with loss masks.
 
 Loss masks come from where text sits, never from token ids: padding is masked by position, so a tokenizer
 whose pad token equals its eos token still teaches the model to emit eos at the end of an answer.
@@ -75,8 +75,8 @@ def check_data_path(path: Path) -> None:
     """A clear ``data.path`` error for a missing file or a folder."""
     if path.is_dir():
         raise DataError(
-            f"data.path: {path} is a folder, not a file; fix: name the JSONL file inside it "
-            "(one example per line)"
+            f"data.path: {path} is a folder, not a file; fix: name the JSONL (one example per line) or Parquet "
+            "file inside it"
         )
     if not path.is_file():
         raise DataError(
@@ -133,6 +133,51 @@ def iter_jsonl(
             f"data.path: {path} is empty (no JSONL lines); fix: add one example per line, or point "
             "data.path at the right file"
         )
+
+
+PARQUET_BATCH = 512  # rows decoded at a time from a Parquet file
+
+
+def iter_parquet(
+    path: Path, progress: Callable[[int], None] | None = None, *, empty_ok: bool = False
+) -> Iterator[tuple[int, dict]]:
+    """Stream ``(row number, row)`` for each row of a Parquet file, PARQUET_BATCH rows decoded at a time;
+    ``progress`` is called with the share of the file's bytes the rows read so far stand for. Raises for a
+    missing file, a folder, a file that is not Parquet, or one without rows (unless ``empty_ok``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    check_data_path(path)
+    try:
+        table = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(
+            f"data.path: {path} is not a readable Parquet file ({str(exc).splitlines()[0][:160]}); fix: write it "
+            "again, or point data.path at the right file"
+        ) from None
+    rows, size = table.metadata.num_rows, path.stat().st_size
+    if rows == 0 and not empty_ok:
+        raise DataError(f"data.path: {path} has no rows; fix: point data.path at the right file")
+    n = 0
+    for batch in table.iter_batches(batch_size=PARQUET_BATCH):
+        for row in batch.to_pylist():
+            n += 1
+            yield n, row
+        if progress is not None:
+            progress(size * n // rows)
+
+
+def iter_rows(
+    path: Path, progress: Callable[[int], None] | None = None, *, empty_ok: bool = False
+) -> Iterator[tuple[str, dict | None, str | None]]:
+    """``(where, row, None)`` or ``(where, None, problem)`` for each example of a JSONL or Parquet file,
+    ``where`` naming it as ``file:line`` (JSONL) or ``file:row N`` (Parquet)."""
+    if path.suffix.lower() == ".parquet":
+        for n, row in iter_parquet(path, progress, empty_ok=empty_ok):
+            yield f"{path}:row {n}", row, None
+        return
+    for lineno, row, problem in iter_jsonl(path, progress, empty_ok=empty_ok):
+        yield f"{path}:{lineno}", row, problem
 
 
 BAD_LINE_FIX = "; fix: repair the line (one JSON object, UTF-8) or remove it, or set data.on_bad_line: skip"
@@ -257,12 +302,12 @@ def row_content(row: dict, fmt: str, where: str) -> list[dict] | str:
     return row["text"]
 
 
-def format_of(path: Path, lineno: int, row: dict, fmt: str | None) -> str:
+def format_of(where: str, row: dict, fmt: str | None) -> str:
     """The set format, or the one the first row shows; a row that shows none raises."""
     fmt = fmt or detect_format(row)
     if fmt is None:
         raise DataError(
-            f"{path}:{lineno}: cannot tell the format (keys {sorted(row)}); fix: set data.format to "
+            f"{where}: cannot tell the format (keys {sorted(row)}); fix: set data.format to "
             "messages (a `messages` list), alpaca (`instruction`, `output`) or text (`text`)"
         )
     return fmt
@@ -336,10 +381,9 @@ def read_examples(
     found, done = None, 0
     for path in paths:
         step = None if progress is None else (lambda n, base=done: progress(base + n))
-        for lineno, row, problem in iter_jsonl(path, step, empty_ok=len(paths) > 1):
-            where = f"{path}:{lineno}"
+        for where, row, problem in iter_rows(path, step, empty_ok=len(paths) > 1):
             if problem is None and found is None:
-                found = format_of(path, lineno, row, fmt)
+                found = format_of(where, row, fmt)
                 if tokenizer is not None:
                     check_template(found, tokenizer)
             try:

@@ -2,7 +2,7 @@
 
 The files are kept in the Hugging Face cache (``datasets--owner--name``, where the ``datasets`` library keeps
 its downloads too), fetched through ``huggingface_hub`` when they are not there and the machine is online.
-Which files form the split follows the Hub's conventions: the ``configs`` of the dataset card's YAML header
+Its files are read as JSON Lines (``.jsonl``, ``.json``) or Parquet. Which files form the split follows the Hub's conventions: the ``configs`` of the dataset card's YAML header
 (``data.subset`` picks one; otherwise the default), else the split's name as a word of a file's path
 (``train``/``training``, ``validation``/``valid``/``val``/``dev``, ``test``/``testing``/``eval``), else every
 data file is the train split.
@@ -21,7 +21,7 @@ from pathlib import Path
 from fitune.errors import DataError
 from fitune.models import hub
 
-READABLE = (".jsonl", ".json")  # JSON Lines
+READABLE = (".jsonl", ".json", ".parquet")  # JSON Lines, Parquet
 DATA_EXTENSIONS = (*READABLE, ".parquet", ".csv", ".tsv", ".arrow", ".txt", ".jsonl.gz", ".json.gz")
 SPLIT_WORDS = {
     "train": ("train", "training"),
@@ -190,7 +190,7 @@ def split_files(
         raise DataError(
             f"data.hub: the {split} split of {where} is in files fitune does not read yet "
             f"({', '.join(unreadable[:3])}{' ...' if len(unreadable) > 3 else ''}); fix: convert it to JSONL "
-            f"(one example per line) and point data.path at that file"
+            "(one example per line) or Parquet and point data.path at that file"
         )
     return matched
 
