@@ -335,3 +335,26 @@ def test_a_fresh_process_finds_the_cached_model_without_a_request(hub, tiny_repo
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(QWEN["num_hidden_layers"]), hub.repos[TINY].refs["main"]]
     assert hub.requests == []
+
+
+def test_a_hub_tokenizer_is_downloaded_alone_once(hub, tmp_path, monkeypatch):
+    from fitune.models.byte_tokenizer import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(tmp_path / "tok")
+    files = {p.name: p.read_bytes() for p in (tmp_path / "tok").iterdir()}
+    hub.add("someone/tok", {**files, "config.json": b"{}", "model.safetensors": WEIGHTS, "README.md": b"#"})
+    recipe = tiny_recipe(tmp_path)
+    recipe["model"]["tokenizer"] = "someone/tok"
+    quiet = {"progress": False, "echo": lambda *a: None}
+    assert fitune.train(recipe, max_steps=1, **quiet).steps == 1
+    got = {p.rsplit("/", 1)[-1] for method, p in hub.requests if method == "GET" and "/resolve/" in p}
+    assert got == {*files, "config.json"}  # no weights, no README
+    hub.requests.clear()
+    recipe["output"]["dir"] = str(tmp_path / "run2")
+    assert fitune.train(recipe, max_steps=1, **quiet).steps == 1 and hub.requests == []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe["model"]["tokenizer"] = "someone/other-tok"
+    with pytest.raises(
+        ModelSourceError, match="model.tokenizer: the tokenizer of hub id 'someone/other-tok': not in"
+    ):
+        fitune.plan(Recipe.from_dict(recipe))

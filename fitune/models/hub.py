@@ -41,6 +41,7 @@ class RepoKind:
 
 
 MODEL = RepoKind("model", "model.source", "model.revision", None, "models", "")
+TOKENIZER = RepoKind("model", "model.tokenizer", "model.revision", None, "models", "")
 DATASET = RepoKind("dataset", "data.hub", "data.revision", "dataset", "datasets", "datasets/")
 
 
@@ -80,8 +81,8 @@ def _unreachable(timeout: float = 5.0) -> str | None:
 
 
 def _offline_error(repo_id: str, what: str, why: str, kind: RepoKind = MODEL) -> ModelSourceError:
-    if kind is MODEL:
-        download, local = f"hf download {repo_id}", "point model.source at a local folder or .gguf file"
+    if kind.repo_type is None:
+        download, local = f"hf download {repo_id}", f"point {kind.field} at a local folder or .gguf file"
     else:
         download, local = f"hf download {repo_id} --repo-type dataset", "point data.path at a local file"
     return ModelSourceError(
@@ -294,6 +295,26 @@ def download_model(
     )
     paths = download_files(repo_id, revision, commit, chosen, MODEL, show_progress=show_progress)
     return paths[-1].parent, commit
+
+
+TOKENIZER_FILES = tuple(name for name in WANTED if "safetensors" not in name)
+
+
+def download_tokenizer(repo_id: str) -> Path:
+    """Download the tokenizer files (and config.json) of ``repo_id``'s main branch into the Hugging Face cache,
+    no weights; returns the snapshot folder."""
+    go_online(repo_id, "the tokenizer", TOKENIZER)
+    commit, files = repo_files(repo_id, None, TOKENIZER)
+    chosen = sorted(
+        (f for f in files if "/" not in f.path and f.path.endswith(TOKENIZER_FILES)), key=lambda f: f.path
+    )
+    if not any(f.path != "config.json" and not f.path.endswith("generation_config.json") for f in chosen):
+        raise ModelSourceError(
+            f"model.tokenizer: {repo_id} holds no tokenizer files (tokenizer.json, tokenizer_config.json, "
+            "tokenizer.model, vocab.json); fix: name the repository of the model whose tokenizer you want"
+        )
+    paths = download_files(repo_id, None, commit, chosen, TOKENIZER, show_progress=False)
+    return paths[0].parent
 
 
 def repo_files(repo_id: str, revision: str | None, kind: RepoKind = MODEL) -> tuple[str, list]:

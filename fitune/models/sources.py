@@ -5,7 +5,8 @@ A source is resolved cheaply (config only, no weights) so that planning never lo
 - a local Hugging Face model folder (safetensors only);
 - a ``config.json`` path or an inline ``model.config`` mapping: the architecture with random weights;
 - a ``.gguf`` file: dequantized once into the recipe's dtype and cached as safetensors + tokenizer files;
-- a hub id, from the local Hugging Face cache (never downloaded).
+- a hub id, from the local Hugging Face cache, else downloaded into it (fitune/models/hub.py): its
+  config.json alone for a plan, what training reads for a run, its tokenizer files for ``model.tokenizer``.
 """
 
 from __future__ import annotations
@@ -148,10 +149,13 @@ def _tokenizer_source(recipe, default: str | None) -> str | None:
         return str(_gguf_cache_folder(recipe, path))
     if path.exists():
         return str(path.parent if path.is_file() else path)
-    if tok.count("/") == 1:
-        return str(_hub_snapshot(tok, None, what="the tokenizer"))
+    if tok.count("/") == 1:  # a hub id: from the cache, else its tokenizer files alone are downloaded
+        from fitune.models import hub
+
+        folder = _cached_snapshot(tok, None)
+        return str(folder if folder is not None and _has_tokenizer(folder) else hub.download_tokenizer(tok))
     raise ModelSourceError(
-        f"model.tokenizer: {tok!r} is not an alias, a folder, a .gguf file or a cached hub id; fix: check it"
+        f"model.tokenizer: {tok!r} is not an alias, a folder, a .gguf file or a hub id; fix: check it"
     )
 
 
@@ -192,7 +196,8 @@ def _has_tokenizer(path: Path) -> bool:
     return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
 
 
-def _hub_snapshot(repo_id: str, revision: str | None, *, what: str = "the weights") -> Path:
+def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The snapshot folder of ``repo_id`` at ``revision`` in the Hugging Face cache, or None (no request)."""
     from huggingface_hub import snapshot_download
 
     from fitune.models import hub
@@ -204,17 +209,7 @@ def _hub_snapshot(repo_id: str, revision: str | None, *, what: str = "the weight
             )
         )
     except Exception:  # noqa: BLE001 - any hub failure means "not cached"
-        raise _not_cached(repo_id, what) from None
-
-
-def _not_cached(repo_id: str, what: str = "the weights") -> ModelSourceError:
-    """A hub id missing from the cache (model.tokenizer reads the cache only; model.source downloads)."""
-    field = "model.tokenizer" if what == "the tokenizer" else "model.source"
-    return ModelSourceError(
-        f"{field}: {what} of hub id {repo_id!r}: not in the local Hugging Face cache; fix: name it once as "
-        f"model.source on a machine that is online (fitune downloads it), or run `hf download {repo_id}`, or "
-        f"point {field} at a local folder or .gguf file"
-    )
+        return None
 
 
 def _hub_source(recipe, folder: Path, repo_id: str) -> ResolvedSource:
@@ -229,10 +224,7 @@ def _from_hub(recipe, repo_id: str, *, need_weights: bool) -> ResolvedSource:
     from fitune.models import hub
 
     revision = recipe.model.revision
-    try:
-        folder = _hub_snapshot(repo_id, revision)
-    except ModelSourceError:
-        folder = None
+    folder = _cached_snapshot(repo_id, revision)
     if folder is not None:
         weights = hub.snapshot_complete(folder)
         pickles = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
