@@ -5,7 +5,9 @@ It answers what the client asks the way the Hub does: a file (``HEAD`` and ``GET
 ``ETag`` and byte ranges; a repository's commit (``/api/models/{repo}/revision/{revision}``, ``/api/datasets/...``
 for a dataset) and file list with sizes (``/api/models/{repo}/tree/{revision}``); errors as an HTTP status with ``X-Error-Code`` (RepoNotFound for a private or unknown repository,
 GatedRepo, RevisionNotFound, EntryNotFound). Every request is logged, so a test can tell that a second run made
-none; ``drop_after`` cuts the first full download of a file after that many bytes, as a dropped connection.
+none; ``drop_after`` cuts the first full download of a file after that many bytes, as a dropped connection;
+``stall_after`` sends that many bytes of it and then nothing until ``release`` is set, for a test to kill the
+downloading process midway.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Repo:
     gated: bool = False
     private: bool = False
     drop_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before the first cut
+    stall_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before the first stall
 
     def commit(self, revision: str) -> str | None:
         if revision in self.files:
@@ -39,6 +42,8 @@ class FakeHub:
     requests: list[tuple[str, str]] = field(default_factory=list)
     ranges: list[tuple[str, str]] = field(default_factory=list)  # (path, Range header) of ranged requests
     url: str = ""
+    stalled: threading.Event = field(default_factory=threading.Event)  # set when a stalled file stops
+    release: threading.Event = field(default_factory=threading.Event)  # set to end the stall (cut)
 
     def add(
         self, repo_id: str, files: dict[str, bytes], *, tag: str | None = None, dataset: bool = False, **flags
@@ -59,6 +64,10 @@ RESOLVE = re.compile(r"^/(?P<repo>(?:datasets/)?[^/]+/[^/]+)/resolve/(?P<revisio
 API = re.compile(
     r"^/api/(?P<type>models|datasets)/(?P<repo>[^/]+/[^/]+)(?:/(?P<kind>revision|tree)/(?P<revision>[^/]+))?$"
 )
+
+
+def lfs(path: str) -> bool:
+    return path.endswith(".safetensors")
 
 
 def _sha256(content: bytes) -> str:
@@ -114,6 +123,8 @@ def _handler(hub: FakeHub):
                 return self._json(
                     [
                         {"type": "file", "path": p, "size": len(c), "oid": _sha256(c)}
+                        # weights are LFS files on the Hub: the tree gives their sha256
+                        | ({"lfs": {"oid": _sha256(c), "size": len(c), "pointerSize": 134}} if lfs(p) else {})
                         for p, c in sorted(files.items())
                     ]
                 )
@@ -135,6 +146,14 @@ def _handler(hub: FakeHub):
             self.end_headers()
             if body:
                 cut = repo.drop_after.pop(match["path"], None) if not ranged else None
+                stall = repo.stall_after.pop(match["path"], None) if not ranged else None
+                if stall is not None:  # send part, then nothing until released: a download to kill midway
+                    self.wfile.write(content[start : start + stall])
+                    self.wfile.flush()
+                    hub.stalled.set()
+                    hub.release.wait(120)
+                    self.close_connection = True
+                    return
                 self.wfile.write(content[start:end] if cut is None else content[start : start + cut])
                 if cut is not None:
                     self.close_connection = True  # the rest never comes: the client sees the body cut short
@@ -168,5 +187,6 @@ def serving(fake: FakeHub, tmp_path, monkeypatch):
     try:
         yield fake
     finally:
+        fake.release.set()  # a stalled answer ends, so that closing the server does not wait for it
         server.shutdown()
         server.server_close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -358,3 +359,54 @@ def test_a_hub_tokenizer_is_downloaded_alone_once(hub, tmp_path, monkeypatch):
         ModelSourceError, match="model.tokenizer: the tokenizer of hub id 'someone/other-tok': not in"
     ):
         fitune.plan(Recipe.from_dict(recipe))
+
+
+def _partial(tiny_repo) -> Path:
+    from fitune.models import hub as hub_module
+
+    name = hashlib.sha256(tiny_repo["model.safetensors"]).hexdigest()
+    return hub_module.cache_dir() / "models--tiny-org--tiny-llama" / "blobs" / f"{name}.fitune-partial"
+
+
+def test_a_download_killed_midway_resumes_in_the_next_process(hub, tiny_repo):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from fitune.models import hub as hub_module
+
+    hub.repos[TINY].stall_after["model.safetensors"] = 40960
+    script = (
+        "import huggingface_hub.constants as c; c.DOWNLOAD_CHUNK_SIZE = 4096\n"
+        f"from fitune.models import hub; hub.download_model({TINY!r}, show_progress=False)"
+    )
+    partial = _partial(tiny_repo)
+    process = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ))
+    try:
+        assert hub.stalled.wait(60), "the download did not start"
+        deadline = time.monotonic() + 30
+        while not (partial.is_file() and partial.stat().st_size == 40960) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        process.kill()  # SIGKILL mid-file: no handler, no cleanup
+        process.wait()
+        hub.release.set()
+    assert partial.stat().st_size == 40960  # what the killed process received is kept
+    hub.ranges.clear()
+    folder, commit = hub_module.download_model(TINY, show_progress=False)
+    assert hub.ranges == [(f"/{TINY}/resolve/{commit}/model.safetensors", "bytes=40960-")]
+    assert (folder / "model.safetensors").read_bytes() == tiny_repo["model.safetensors"]
+    assert not partial.exists()
+
+
+def test_a_partial_file_that_does_not_match_the_hubs_hash_starts_again(hub, tiny_repo):
+    from fitune.models import hub as hub_module
+
+    partial = _partial(tiny_repo)
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"\xff" * 40960)  # not the file's first bytes
+    folder, _ = hub_module.download_model(TINY, show_progress=False)
+    assert (folder / "model.safetensors").read_bytes() == tiny_repo["model.safetensors"]
+    gets = [p for method, p in hub.requests if method == "GET" and p.endswith("model.safetensors")]
+    assert len(gets) == 2 and [r for _, r in hub.ranges] == ["bytes=40960-"]  # resumed, checked, again whole

@@ -226,6 +226,7 @@ def _forwarding_tqdm(advance):
         def __init__(self, *args, **kwargs):
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
+            advance(kwargs.get("initial") or 0)  # the bytes a resumed file already has
 
         def update(self, n=1):
             advance(n or 0)
@@ -234,20 +235,81 @@ def _forwarding_tqdm(advance):
     return Forward
 
 
+PARTIAL = ".fitune-partial"  # a blob's bytes received so far, kept across attempts and processes
+
+
+def _fetch_blob(repo_id: str, entry, commit: str, kind: RepoKind, tqdm_class) -> None:
+    """Download ``entry`` (an entry of ``repo_files``) at ``commit`` into the cache's blobs, appending to the
+    partial file an earlier attempt, or an earlier process, left (a ranged request).
+
+    huggingface_hub deletes a cut download (each process writes a file of its own), so a run killed 90% into
+    a 5 GB shard starts that shard again (huggingface/huggingface_hub#4196); fitune keeps the partial file
+    under the client's own lock for that blob, then checks the size, and a resumed file's sha256 where the
+    Hub lists one, before moving it in place."""
+    import hashlib
+
+    from filelock import FileLock
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    name = entry.lfs.sha256 if entry.lfs else entry.blob_id  # the client's blob name: the file's etag
+    repo_cache = kind.folder(repo_id)
+    blob = repo_cache / "blobs" / name
+    if blob.exists():
+        return
+    lock = cache_dir() / ".locks" / repo_cache.name / f"{name}.lock"  # the path the client locks too
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock)):
+        if blob.exists():
+            return
+        partial = blob.with_name(name + PARTIAL)
+        have = partial.stat().st_size if partial.is_file() else 0
+        if have > entry.size:  # not a prefix of this file
+            have = 0
+        url = hf_hub_url(repo_id, entry.path, repo_type=kind.repo_type, revision=commit, endpoint=endpoint())
+        with open(partial, "r+b" if have else "wb", buffering=0) as out:  # unbuffered: a kill loses no byte
+            out.seek(have)
+            out.truncate()
+            http_get(
+                url,
+                out,
+                resume_size=have,
+                headers=build_hf_headers(),
+                expected_size=entry.size,
+                displayed_filename=entry.path,
+                tqdm_class=tqdm_class,
+            )
+        size = partial.stat().st_size
+        if size != entry.size:
+            raise OSError(f"{entry.path}: received {size} of {entry.size} bytes")
+        if have and entry.lfs:  # a resumed file: its bytes came from two requests, maybe two processes
+            digest = hashlib.sha256()
+            with open(partial, "rb") as f:
+                for chunk in iter(lambda: f.read(2**20), b""):
+                    digest.update(chunk)
+            if digest.hexdigest() != entry.lfs.sha256:
+                partial.unlink()
+                raise OSError(f"{entry.path}: the resumed file does not match its sha256; it starts again")
+        os.replace(partial, blob)
+
+
 def _download_file(
-    repo_id: str, filename: str, commit: str, revision: str | None, tqdm_class, kind: RepoKind = MODEL
+    repo_id: str, entry, commit: str, revision: str | None, tqdm_class, kind: RepoKind = MODEL
 ) -> Path:
-    """One file of the snapshot at ``commit``, tried ATTEMPTS times (the client itself resumes a connection
-    cut mid-file with a byte range; a new attempt starts that file again)."""
+    """One file (an entry of ``repo_files``) of the snapshot at ``commit``, tried ATTEMPTS times, each
+    resuming from the bytes already received (``_fetch_blob``); the client then links it into the snapshot."""
     from huggingface_hub import hf_hub_download
 
     for attempt in range(1, ATTEMPTS + 1):
         try:
             with _api_errors(repo_id, revision, kind):
+                _fetch_blob(repo_id, entry, commit, kind, tqdm_class)
                 return Path(
                     hf_hub_download(
                         repo_id,
-                        filename,
+                        entry.path,
                         repo_type=kind.repo_type,
                         revision=commit,
                         cache_dir=str(cache_dir()),
@@ -260,9 +322,9 @@ def _download_file(
         except Exception as exc:  # noqa: BLE001 - the connection failed past the client's own retries
             if attempt == ATTEMPTS:
                 raise ModelSourceError(
-                    f"{kind.field}: downloading {filename} of {repo_id} failed {ATTEMPTS} times "
-                    f"({str(exc).splitlines()[0][:160]}); fix: run the same command again: the files already "
-                    "downloaded are kept"
+                    f"{kind.field}: downloading {entry.path} of {repo_id} failed {ATTEMPTS} times "
+                    f"({str(exc).splitlines()[0][:160]}); fix: run the same command again: it resumes from "
+                    "the bytes already received"
                 ) from None
     raise AssertionError("unreachable")
 
@@ -360,7 +422,7 @@ def download_files(
         tqdm_class = _forwarding_tqdm(
             (lambda n: update(advance=n)) if update is not None else (lambda n: None)
         )
-        paths = [_download_file(repo_id, f.path, commit, revision, tqdm_class, kind) for f in chosen]
+        paths = [_download_file(repo_id, f, commit, revision, tqdm_class, kind) for f in chosen]
     name = revision or "main"
     if name != commit:  # a branch or tag: later offline runs find the commit through it
         ref = repo_cache / "refs" / name
