@@ -282,3 +282,19 @@ def test_a_parquet_file_reads_as_its_jsonl_and_a_bad_row_is_named_by_number(tmp_
     assert f"data.path: {parquet} is not a readable Parquet file" in unreadable.message
     _to_parquet(jsonl, parquet)
     assert fitune.train(recipe, max_steps=1, **QUIET).steps == 1  # the same folder, no flag
+
+
+def test_a_json_array_file_reads_as_its_jsonl_and_names_a_bad_item(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    jsonl = Path(recipe["data"]["path"])
+    plain = load_dataset(Recipe.from_dict(recipe), byte_tokenizer())
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    array = tmp_path / "train.json"
+    array.write_text(json.dumps(rows, indent=2))  # one array over many lines, as alpaca_data.json is written
+    recipe["data"]["path"] = str(array)
+    read = load_dataset(Recipe.from_dict(recipe), byte_tokenizer())
+    assert [e.input_ids for e in read.train] == [e.input_ids for e in plain.train]
+    rows[2] = "say 2"
+    array.write_text(json.dumps(rows, indent=2))
+    (finding,) = [f for f in _data_findings(recipe) if f.rule_id == "data-bad-lines"]
+    assert f"{array}:item 3: not a JSON object (a str)" in finding.message

@@ -209,8 +209,9 @@ def test_split_files_follows_the_hubs_conventions():
     assert split_files("o/n", paths, None, None, "train") == ["train.jsonl"]
     assert split_files("o/n", paths, None, None, "validation") == ["dev.jsonl"]
     assert split_files("o/n", paths, None, None, "test") == ["test/part-0.jsonl"]
-    # no split named anywhere: every data file is training data
-    assert split_files("o/n", ["a.jsonl", "b/c.jsonl"], None, None, "train") == ["a.jsonl", "b/c.jsonl"]
+    # no split named anywhere: every data file is training data (metadata files are not)
+    listing = ["a.jsonl", "b/c.jsonl", "dataset_info.json"]
+    assert split_files("o/n", listing, None, None, "train") == ["a.jsonl", "b/c.jsonl"]
     card = "---\nconfigs:\n- config_name: en\n  data_files: en/*.jsonl\n- config_name: fr\n  default: true\n  data_files:\n    train: fr/train.jsonl\n---\n"  # noqa: E501
     listed = ["en/a.jsonl", "en/b.jsonl", "fr/train.jsonl"]
     assert split_files("o/n", listed, card, None, "train") == ["fr/train.jsonl"]  # the default subset

@@ -167,14 +167,49 @@ def iter_parquet(
             progress(size * n // rows)
 
 
+def _is_json_array(path: Path) -> bool:
+    """Whether a ``.json`` file holds one JSON array (its first character past a BOM and blanks is ``[``)."""
+    if path.suffix.lower() != ".json" or not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
+    return head.startswith(b"[")
+
+
+def iter_json_array(path: Path, progress: Callable[[int], None] | None = None, *, empty_ok: bool = False):
+    """``(where, row, problem)`` for each item of a file holding one JSON array (read whole: such a file
+    cannot be streamed by lines), ``where`` being ``file:item N``."""
+    try:
+        items = json.loads(path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise DataError(
+            f"data.path: {path} starts as a JSON array but does not parse ({exc}); fix: repair it, or write one "
+            "JSON object per line (JSONL)"
+        ) from None
+    if not items and not empty_ok:
+        raise DataError(f"data.path: {path} is an empty JSON array; fix: point data.path at the right file")
+    if progress is not None:
+        progress(path.stat().st_size)
+    for n, row in enumerate(items, 1):
+        where = f"{path}:item {n}"
+        if isinstance(row, dict):
+            yield where, row, None
+        else:
+            yield where, None, f"{where}: not a JSON object (a {type(row).__name__})"
+
+
 def iter_rows(
     path: Path, progress: Callable[[int], None] | None = None, *, empty_ok: bool = False
 ) -> Iterator[tuple[str, dict | None, str | None]]:
-    """``(where, row, None)`` or ``(where, None, problem)`` for each example of a JSONL or Parquet file,
-    ``where`` naming it as ``file:line`` (JSONL) or ``file:row N`` (Parquet)."""
+    """``(where, row, None)`` or ``(where, None, problem)`` for each example of a JSONL, JSON-array or Parquet
+    file, ``where`` naming it as ``file:line`` (JSONL), ``file:item N`` (a JSON array) or ``file:row N``
+    (Parquet)."""
     if path.suffix.lower() == ".parquet":
         for n, row in iter_parquet(path, progress, empty_ok=empty_ok):
             yield f"{path}:row {n}", row, None
+        return
+    if _is_json_array(path):
+        yield from iter_json_array(path, progress, empty_ok=empty_ok)
         return
     for lineno, row, problem in iter_jsonl(path, progress, empty_ok=empty_ok):
         yield f"{path}:{lineno}", row, problem

@@ -2,7 +2,7 @@
 
 The files are kept in the Hugging Face cache (``datasets--owner--name``, where the ``datasets`` library keeps
 its downloads too), fetched through ``huggingface_hub`` when they are not there and the machine is online.
-Its files are read as JSON Lines (``.jsonl``, ``.json``) or Parquet. Which files form the split follows the Hub's conventions: the ``configs`` of the dataset card's YAML header
+Its files are read as JSON Lines (``.jsonl``, ``.json``; a ``.json`` file may hold one array) or Parquet. Which files form the split follows the Hub's conventions: the ``configs`` of the dataset card's YAML header
 (``data.subset`` picks one; otherwise the default), else the split's name as a word of a file's path
 (``train``/``training``, ``validation``/``valid``/``val``/``dev``, ``test``/``testing``/``eval``), else every
 data file is the train split.
@@ -21,7 +21,7 @@ from pathlib import Path
 from fitune.errors import DataError
 from fitune.models import hub
 
-READABLE = (".jsonl", ".json", ".parquet")  # JSON Lines, Parquet
+READABLE = (".jsonl", ".json", ".parquet")  # JSON Lines (or one JSON array), Parquet
 DATA_EXTENSIONS = (*READABLE, ".parquet", ".csv", ".tsv", ".arrow", ".txt", ".jsonl.gz", ".json.gz")
 SPLIT_WORDS = {
     "train": ("train", "training"),
@@ -111,9 +111,15 @@ def _config_splits(config: dict) -> dict[str, list[str]]:
     return splits
 
 
+METADATA = ("dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json")  # not examples
+
+
 def _is_data(path: str) -> bool:
-    return path.lower().endswith(DATA_EXTENSIONS) and not any(
-        part.startswith((".", "_")) for part in path.split("/")
+    parts = path.split("/")
+    return (
+        path.lower().endswith(DATA_EXTENSIONS)
+        and parts[-1] not in METADATA
+        and not any(part.startswith((".", "_")) for part in parts)
     )
 
 
