@@ -74,7 +74,9 @@ HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class DataSpec(_Strict):
-    path: str | None = Field(None, description="JSONL (one example per line) or Parquet file; or set `hub`.")
+    path: str | None = Field(
+        None, description="JSONL (one example per line), JSON-array or Parquet file; or set `hub`."
+    )
     hub: str | None = Field(
         None,
         description="A Hugging Face Hub dataset (owner/name): its split's JSONL or Parquet files, cached.",
