@@ -19,7 +19,7 @@ from fitune.errors import RecipeError
 Dtype = Literal["fp32", "bf16", "fp16"]
 Precision = Literal["fp32", "bf16", "fp16", "bf16-pure"]
 MethodKind = Literal["full", "lora", "qlora"]
-DataFormat = Literal["messages", "alpaca", "text"]
+DataFormat = Literal["messages", "sharegpt", "alpaca", "text"]
 Attention = Literal["auto", "eager", "sdpa", "flash_attention_2"]
 Optimizer = Literal["adamw", "adamw8bit", "paged_adamw8bit", "sgd"]
 OnBadLine = Literal["error", "skip"]
@@ -88,7 +88,9 @@ class DataSpec(_Strict):
         None, description="A subset (config) of the dataset in data.hub, as its dataset card names it."
     )
     split: str = Field("train", description="The split of the dataset in data.hub that training reads.")
-    format: DataFormat | None = Field(None, description="messages | alpaca | text; detected when omitted.")
+    format: DataFormat | None = Field(
+        None, description="messages | sharegpt | alpaca | text; detected when omitted."
+    )
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of examples held out for eval loss.")
     on_bad_line: OnBadLine = Field(
         "error", description="error: stop at a corrupt line; skip: count and skip it."

@@ -298,3 +298,30 @@ def test_a_json_array_file_reads_as_its_jsonl_and_names_a_bad_item(tmp_path):
     array.write_text(json.dumps(rows, indent=2))
     (finding,) = [f for f in _data_findings(recipe) if f.rule_id == "data-bad-lines"]
     assert f"{array}:item 3: not a JSON object (a str)" in finding.message
+
+
+def test_sharegpt_rows_train_as_their_messages_and_an_unknown_speaker_is_named(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    jsonl = Path(recipe["data"]["path"])
+    plain = load_dataset(Recipe.from_dict(recipe), byte_tokenizer())
+    speaker = {"user": "human", "assistant": "gpt"}
+    rows = [
+        {
+            "conversations": [
+                {"from": speaker[m["role"]], "value": m["content"]} for m in json.loads(line)["messages"]
+            ]
+        }
+        for line in jsonl.read_text().splitlines()
+    ]
+    shared = tmp_path / "sharegpt.jsonl"
+    shared.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe["data"]["path"] = str(shared)
+    read = load_dataset(Recipe.from_dict(recipe), byte_tokenizer())
+    assert read.format == "sharegpt"
+    assert [(e.input_ids, e.loss_mask) for e in read.train] == [
+        (e.input_ids, e.loss_mask) for e in plain.train
+    ]
+    rows[3]["conversations"][1]["from"] = "bot"
+    shared.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (finding,) = [f for f in _data_findings(recipe) if f.rule_id == "data-bad-lines"]
+    assert f"{shared}:4: turn 2 is from 'bot', not one of human, user, gpt, assistant" in finding.message

@@ -1,4 +1,5 @@
-"""Datasets: JSONL or Parquet rows in `messages`, `alpaca` or `text` format, tokenized with loss masks.
+"""Datasets: JSONL, JSON-array or Parquet rows in `messages`, `sharegpt`, `alpaca` or `text` format, tokenized
+with loss masks.
 
 Loss masks come from where text sits, never from token ids: padding is masked by position, so a tokenizer
 whose pad token equals its eos token still teaches the model to emit eos at the end of an answer.
@@ -221,11 +222,52 @@ BAD_LINE_FIX = "; fix: repair the line (one JSON object, UTF-8) or remove it, or
 def detect_format(row: dict) -> str | None:
     if "messages" in row:
         return "messages"
+    if "conversations" in row:
+        return "sharegpt"
     if "instruction" in row and "output" in row:
         return "alpaca"
     if "text" in row:
         return "text"
     return None
+
+
+# ShareGPT's speakers (`from`), as the chat template's roles
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
+}
+
+
+def sharegpt_to_messages(turns, where: str) -> list[dict]:
+    """ShareGPT's ``conversations`` (``from``/``value`` turns) as messages; an unknown speaker raises."""
+    if not isinstance(turns, list) or not turns:
+        raise DataError(
+            f"{where}: `conversations` must be a non-empty list of {{from, value}}, got {_shown(turns)}; fix: "
+            "write the conversation as a list of turns, or set data.on_bad_line: skip"
+        )
+    messages = []
+    for j, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(
+                f"{where}: turn {j} needs `from` and `value`, got {_shown(turn)}; fix: give every turn both, or "
+                "set data.on_bad_line: skip"
+            )
+        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise DataError(
+                f"{where}: turn {j} is from {_shown(turn['from'])}, not one of {', '.join(SHAREGPT_ROLES)}; "
+                "fix: use one of those speakers, or set data.on_bad_line: skip"
+            )
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
 
 
 def alpaca_to_messages(row: dict) -> list[dict]:
@@ -305,13 +347,18 @@ def _check_messages(messages, where: str) -> None:
 
 
 def row_content(row: dict, fmt: str, where: str) -> list[dict] | str:
-    """What a row trains on: its conversation (messages, alpaca) or its text; a bad row raises, naming ``where``.
+    """What a row trains on: its conversation (messages, sharegpt, alpaca) or its text; a bad row raises, naming
+    ``where``.
 
     The one row check: the doctor's data scan and ``load_dataset`` both call it, so they cannot disagree.
     """
     if fmt == "messages":
         _check_messages(row.get("messages"), where)
         return row["messages"]
+    if fmt == "sharegpt":
+        messages = sharegpt_to_messages(row.get("conversations"), where)
+        _check_messages(messages, where)
+        return messages
     if fmt == "alpaca":
         missing = [key for key in ("instruction", "output") if key not in row]
         if missing:
@@ -343,13 +390,14 @@ def format_of(where: str, row: dict, fmt: str | None) -> str:
     if fmt is None:
         raise DataError(
             f"{where}: cannot tell the format (keys {sorted(row)}); fix: set data.format to "
-            "messages (a `messages` list), alpaca (`instruction`, `output`) or text (`text`)"
+            "messages (a `messages` list), sharegpt (a `conversations` list), alpaca (`instruction`, `output`) "
+            "or text (`text`)"
         )
     return fmt
 
 
 def check_template(fmt: str, tokenizer) -> None:
-    if fmt in ("messages", "alpaca") and not getattr(tokenizer, "chat_template", None):
+    if fmt in ("messages", "sharegpt", "alpaca") and not getattr(tokenizer, "chat_template", None):
         raise DataError(
             f"data.format {fmt} needs a chat template, and the tokenizer has none; fix: set model.tokenizer to "
             "an instruct model's tokenizer, or use data.format: text"
