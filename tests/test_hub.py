@@ -368,13 +368,23 @@ def _partial(tiny_repo) -> Path:
     return hub_module.cache_dir() / "models--tiny-org--tiny-llama" / "blobs" / f"{name}.fitune-partial"
 
 
-def test_a_download_killed_midway_resumes_in_the_next_process(hub, tiny_repo):
+def test_a_download_killed_midway_resumes_in_the_next_process(hub, tiny_repo, monkeypatch):
+    import contextlib
     import os
     import subprocess
     import sys
     import time
 
     from fitune.models import hub as hub_module
+
+    bar = {"total": 0, "done": 0}
+
+    @contextlib.contextmanager
+    def recording_bar(label, total, **kwargs):  # the progress bar a terminal would draw, as numbers
+        bar["total"] = total
+        yield lambda advance: bar.__setitem__("done", bar["done"] + advance)
+
+    monkeypatch.setattr(hub_module, "byte_bar", recording_bar)
 
     hub.repos[TINY].stall_after["model.safetensors"] = 40960
     script = (
@@ -398,6 +408,9 @@ def test_a_download_killed_midway_resumes_in_the_next_process(hub, tiny_repo):
     assert hub.ranges == [(f"/{TINY}/resolve/{commit}/model.safetensors", "bytes=40960-")]
     assert (folder / "model.safetensors").read_bytes() == tiny_repo["model.safetensors"]
     assert not partial.exists()
+    assert (
+        bar["done"] == bar["total"] >= len(tiny_repo["model.safetensors"])
+    )  # the bar ends full, not past it
 
 
 def test_a_partial_file_that_does_not_match_the_hubs_hash_starts_again(hub, tiny_repo):

@@ -222,13 +222,19 @@ def _forwarding_tqdm(advance):
     """A tqdm class that draws nothing and passes each update's byte count to ``advance``."""
     from tqdm.auto import tqdm
 
+    counted: dict[str, int] = {}  # bytes passed on per file, so that a new attempt does not count them twice
+
     class Forward(tqdm):
         def __init__(self, *args, **kwargs):
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
-            advance(kwargs.get("initial") or 0)  # the bytes a resumed file already has
+            self.file = str(kwargs.get("desc"))
+            initial = kwargs.get("initial") or 0  # the bytes a resumed file already has
+            advance(max(0, initial - counted.get(self.file, 0)))
+            counted[self.file] = max(initial, counted.get(self.file, 0))
 
         def update(self, n=1):
+            counted[self.file] = counted.get(self.file, 0) + (n or 0)
             advance(n or 0)
             return super().update(n)
 
