@@ -27,7 +27,12 @@ class ModelSourceError(FituneError):
 
 
 class DataError(FituneError):
-    """A dataset cannot be read, or a line of it is bad (message names file:line)."""
+    """A dataset cannot be read, or a line of it is bad (message names file:line). ``change`` is the recipe
+    change that fixes it, where one does (dotted key -> value), for ``fitune doctor --fix``."""
+
+    def __init__(self, message: str, change: dict | None = None):
+        super().__init__(message)
+        self.change = change
 
 
 class PlanError(FituneError):

@@ -259,3 +259,22 @@ def test_a_parquet_dataset_without_a_card_trains(tmp_path, monkeypatch):
         result = _train(_write(tmp_path))
     assert result.exit_code == 0, result.output
     assert "43 train / 5 eval examples (messages)" in _flat(result.output)
+
+
+def test_doctor_fix_names_the_one_split_named_for_train(tmp_path, monkeypatch):
+    card = CARD.replace(b"split: train\n", b"split: train_sft\n").replace(
+        b"split: test\n", b"split: test_sft\n"
+    )
+    fake = FakeHub()
+    fake.add(DATA, {**FILES, "README.md": card}, dataset=True)
+    with serving(fake, tmp_path, monkeypatch):
+        path = _write(tmp_path)
+        result = CliRunner().invoke(app, ["doctor", path, "--fix"])
+        assert result.exit_code == 0, result.output
+        assert (
+            f"error [data-unreadable] data.split: 'train' is not a split of subset 'default' of {DATA} (it has "
+            "test_sft, train_sft) fix: set data.split: train_sft (the one named for train), or another of them"
+        ) in _flat(result.output)
+        fixed = yaml.safe_load((tmp_path / "r.fixed.yaml").read_text())
+        assert fixed["data"]["split"] == "train_sft"
+        assert "0 error(s) remain in the corrected recipe" in result.output

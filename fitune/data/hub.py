@@ -187,6 +187,14 @@ def split_files(
                 f"data.hub: {where} holds no data files ({', '.join(e for e in READABLE)} or others the Hub "
                 "knows); fix: check the id, or point data.path at a local file"
             )
+        words = SPLIT_WORDS.get(split, (split,))
+        named = [name for name in available if set(re.split(r"[^a-z]+", name.lower())) & set(words)]
+        if len(named) == 1:  # train_sft for train: the one split named for it
+            raise DataError(
+                f"data.split: {split!r} is not a split of {where} (it has {', '.join(available)}); fix: set "
+                f"data.split: {named[0]} (the one named for {split}), or another of them",
+                change={"data.split": named[0]},
+            )
         raise DataError(
             f"data.split: {split!r} is not a split of {where} (it has {', '.join(available)}); fix: set "
             "data.split to one of them"

@@ -110,6 +110,7 @@ class Issue:
     severity: str  # error | warning | note
     message: str
     fix_text: str
+    change: dict | None = None  # the recipe change that fixes it, where one does
 
 
 def tokenizer_for(source, source_error: str | None):
@@ -162,7 +163,8 @@ def check_data(
         files = data_files(recipe, show_progress=show_progress)
     except FituneError as exc:  # a hub dataset that cannot be had: offline, unknown, gated, no such split
         message, _, fix = str(exc).partition("; fix: ")
-        return [Issue("data-unreadable", "error", message, fix or "check data.hub")], None
+        change = getattr(exc, "change", None)
+        return [Issue("data-unreadable", "error", message, fix or "check data.hub", change)], None
     tokenizer, why_untokenized = None, None
     if tokenize and all(path.is_file() for path in files.paths):
         tokenizer, why_untokenized = tokenizer_for(source, source_error)

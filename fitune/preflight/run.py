@@ -84,5 +84,5 @@ def doctor(
         planned_peak_bytes=planned_peak_bytes,
         data_examples=usable,
     )
-    data = [Finding(i.rule_id, i.severity, i.message, None, i.fix_text, DATA_SOURCE) for i in issues]
+    data = [Finding(i.rule_id, i.severity, i.message, i.change, i.fix_text, DATA_SOURCE) for i in issues]
     return sorted(data + run_rules(ctx), key=lambda f: SEVERITY_ORDER[f.severity])
