@@ -94,8 +94,7 @@ def iter_jsonl(
     The file is read in binary and decoded per line, so a UTF-8 BOM, CRLF endings and blank lines are
     accepted and invalid UTF-8 is reported by line and by the bad byte's offset within the file (0-based).
     One line is in memory at a time; ``progress`` is called with the bytes read so far. Raises for a missing
-    file, a folder, or a file without a single non-blank line (unless
-    ``empty_ok``).
+    file, a folder, or a file without a single non-blank line (unless ``empty_ok``).
     """
     check_data_path(path)
     offset = 0  # bytes of the file before the current line
