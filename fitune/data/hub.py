@@ -2,7 +2,9 @@
 
 The files are kept in the Hugging Face cache (``datasets--owner--name``, where the ``datasets`` library keeps
 its downloads too), fetched through ``huggingface_hub`` when they are not there and the machine is online.
-Its files are read as JSON Lines (``.jsonl``, ``.json``; a ``.json`` file may hold one array) or Parquet. Which files form the split follows the Hub's conventions: the ``configs`` of the dataset card's YAML header
+They are read as JSON Lines (``.jsonl``, ``.json``; a ``.json`` file may hold one array) or Parquet.
+
+Which files form the split follows the Hub's conventions: the ``configs`` of the dataset card's YAML header
 (``data.subset`` picks one; otherwise the default), else the split's name as a word of a file's path
 (``train``/``training``, ``validation``/``valid``/``val``/``dev``, ``test``/``testing``/``eval``), else every
 data file is the train split.
@@ -22,7 +24,7 @@ from fitune.errors import DataError
 from fitune.models import hub
 
 READABLE = (".jsonl", ".json", ".parquet")  # JSON Lines (or one JSON array), Parquet
-DATA_EXTENSIONS = (*READABLE, ".parquet", ".csv", ".tsv", ".arrow", ".txt", ".jsonl.gz", ".json.gz")
+DATA_EXTENSIONS = (*READABLE, ".csv", ".tsv", ".arrow", ".txt", ".jsonl.gz", ".json.gz")
 SPLIT_WORDS = {
     "train": ("train", "training"),
     "validation": ("validation", "valid", "val", "dev"),
