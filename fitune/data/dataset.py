@@ -427,6 +427,16 @@ class DataFiles:
     label: str  # the file's path, or "owner/name (split)"
     hub: object | None = None  # the HubSplit of data.hub
 
+    @staticmethod
+    def of(files: Path | DataFiles) -> DataFiles:
+        """``files`` as DataFiles: a single path becomes a one-file local dataset."""
+        return files if isinstance(files, DataFiles) else DataFiles((files,), str(files))
+
+    @property
+    def name(self) -> str:
+        """What messages call it: the file's name, or "owner/name (split)"."""
+        return self.paths[0].name if self.hub is None else self.label
+
     @property
     def size(self) -> int:
         total = 0
@@ -459,7 +469,8 @@ def read_examples(
     tokenizer) or its DataError. A problem with the whole data (missing, empty, unknown format, no chat
     template) raises. The doctor's data check and ``load_dataset`` both read through here, so they cannot
     disagree about a line. ``progress`` is called with the bytes read so far, over all the files."""
-    paths = (files,) if isinstance(files, Path) else files.paths
+    files = DataFiles.of(files)
+    paths = files.paths
     found, done = None, 0
     for path in paths:
         step = None if progress is None else (lambda n, base=done: progress(base + n))

@@ -125,14 +125,16 @@ def _is_data(path: str) -> bool:
     )
 
 
+def _names(text: str, words: tuple[str, ...]) -> bool:
+    """Whether one of ``words`` is a word of ``text`` (words run between anything that is not a letter)."""
+    return not set(re.split(r"[^a-z]+", text.lower())).isdisjoint(words)
+
+
 def _split_by_name(paths: list[str], split: str) -> tuple[list[str], list[str]]:
     """The data files among ``paths`` whose path names ``split`` (every one when none names a split), and the
     splits that are there."""
     data = [p for p in paths if _is_data(p)]
-    by_split = {
-        name: sorted(p for p in data if set(re.split(r"[^a-z]+", p.lower())) & set(words))
-        for name, words in SPLIT_WORDS.items()
-    }
+    by_split = {name: sorted(p for p in data if _names(p, words)) for name, words in SPLIT_WORDS.items()}
     if not any(by_split.values()):
         by_split = {"train": sorted(data)}  # no split named anywhere: every data file is training data
     by_split = {name: files for name, files in by_split.items() if files}
@@ -190,7 +192,7 @@ def split_files(
                 "knows); fix: check the id, or point data.path at a local file"
             )
         words = SPLIT_WORDS.get(split, (split,))
-        named = [name for name in available if set(re.split(r"[^a-z]+", name.lower())) & set(words)]
+        named = [name for name in available if _names(name, words)]
         if len(named) == 1:  # train_sft for train: the one split named for it
             raise DataError(
                 f"data.split: {split!r} is not a split of {where} (it has {', '.join(available)}); fix: set "

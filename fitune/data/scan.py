@@ -43,8 +43,7 @@ def scan_dataset(
 
     Problems are collected, never raised. ``progress`` is called with the bytes read so far.
     """
-    if isinstance(files, Path):
-        files = DataFiles((files,), str(files))
+    files = DataFiles.of(files)
     scan = DataScan(files, lengths=Lengths(seq_len) if tokenizer is not None else None)
     try:
         for scan.format, result in read_examples(files, fmt, tokenizer, progress):
@@ -133,11 +132,9 @@ def byte_progress(
 ) -> Iterator[Callable[[int], None] | None]:
     """A progress callback over the bytes of ``files``, drawn as a bar on a terminal's stderr for large data;
     None (no bar) for small data, a missing file, or output that is not a terminal."""
-    if isinstance(files, Path):
-        files = DataFiles((files,), str(files))
+    files = DataFiles.of(files)
     size = files.size
-    name = files.paths[0].name if files.hub is None else files.label
-    with byte_bar(f"{verb} {name}", size if size >= PROGRESS_FROM_BYTES else 0, show=show) as update:
+    with byte_bar(f"{verb} {files.name}", size if size >= PROGRESS_FROM_BYTES else 0, show=show) as update:
         yield None if update is None else lambda done: update(completed=done)
 
 
@@ -174,7 +171,6 @@ def check_data(
         message, _, fix = scan.fatal.partition("; fix: ")
         return [Issue("data-unreadable", "error", message, fix or "check data.path and data.format")], None
     issues = []
-    name = files.paths[0].name if files.hub is None else files.label
     skip = spec.on_bad_line == "skip"
     if scan.bad_count:
         more = scan.bad_count - len(scan.bad_lines)
@@ -183,7 +179,7 @@ def check_data(
             Issue(
                 "data-bad-lines",
                 "warning" if skip else "error",
-                f"{scan.bad_count} bad line(s) in {name}"
+                f"{scan.bad_count} bad line(s) in {files.name}"
                 + (" (skipped: data.on_bad_line is skip)" if skip else "")
                 + f":{listed}"
                 + (f"\n    ... and {more} more" if more else ""),
@@ -223,7 +219,7 @@ def check_data(
             Issue(
                 "data-no-targets",
                 "error",
-                f"every example of {name} loses all its targets within train.seq_len {recipe.train.seq_len}",
+                f"every example of {files.name} loses all its targets within train.seq_len {recipe.train.seq_len}",
                 "raise train.seq_len (see the token lengths above)",
             )
         )

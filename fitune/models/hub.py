@@ -244,6 +244,12 @@ def _forwarding_tqdm(advance):
 PARTIAL = ".fitune-partial"  # a blob's bytes received so far, kept across attempts and processes
 
 
+def _blob_name(entry) -> str:
+    """The name the client gives a file's content in the cache's blobs: its etag (sha256 for an LFS file, the
+    git blob id otherwise)."""
+    return entry.lfs.sha256 if entry.lfs else entry.blob_id
+
+
 def _fetch_blob(repo_id: str, entry, commit: str, kind: RepoKind, tqdm_class) -> None:
     """Download ``entry`` (an entry of ``repo_files``) at ``commit`` into the cache's blobs, appending to the
     partial file an earlier attempt, or an earlier process, left (a ranged request).
@@ -259,7 +265,7 @@ def _fetch_blob(repo_id: str, entry, commit: str, kind: RepoKind, tqdm_class) ->
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
 
-    name = entry.lfs.sha256 if entry.lfs else entry.blob_id  # the client's blob name: the file's etag
+    name = _blob_name(entry)
     repo_cache = kind.folder(repo_id)
     blob = repo_cache / "blobs" / name
     if blob.exists():
@@ -414,7 +420,7 @@ def download_files(
     folder = cache_dir()
     repo_cache = kind.folder(repo_id)
     have = {p.name for p in (repo_cache / "blobs").iterdir()} if (repo_cache / "blobs").is_dir() else set()
-    todo = [f for f in chosen if not (f.lfs and f.lfs.sha256 in have) and f.blob_id not in have]
+    todo = [f for f in chosen if _blob_name(f) not in have]
     need = sum(f.size or 0 for f in todo)
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
