@@ -325,3 +325,10 @@ def test_sharegpt_rows_train_as_their_messages_and_an_unknown_speaker_is_named(t
     shared.write_text("".join(json.dumps(row) + "\n" for row in rows))
     (finding,) = [f for f in _data_findings(recipe) if f.rule_id == "data-bad-lines"]
     assert f"{shared}:4: turn 2 is from 'bot', not one of human, user, gpt, assistant" in finding.message
+    recipe["data"]["format"] = "messages"  # a recipe written for another file
+    (finding,) = [f for f in _data_findings(recipe) if f.rule_id == "data-bad-lines"]
+    assert (
+        f"{shared}:1: the row is in the sharegpt format (keys ['conversations']), and data.format is messages"
+    ) in finding.message
+    with pytest.raises(DataError, match="fix: set data.format: sharegpt, or remove data.format to detect it"):
+        fitune.train(recipe, max_steps=1, **QUIET)

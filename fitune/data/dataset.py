@@ -218,6 +218,9 @@ def iter_rows(
 BAD_LINE_FIX = "; fix: repair the line (one JSON object, UTF-8) or remove it, or set data.on_bad_line: skip"
 
 
+FORMAT_KEYS = {"messages": "messages", "sharegpt": "conversations", "alpaca": "instruction", "text": "text"}
+
+
 def detect_format(row: dict) -> str | None:
     if "messages" in row:
         return "messages"
@@ -351,6 +354,12 @@ def row_content(row: dict, fmt: str, where: str) -> list[dict] | str:
 
     The one row check: the doctor's data scan and ``load_dataset`` both call it, so they cannot disagree.
     """
+    shown = detect_format(row)
+    if FORMAT_KEYS[fmt] not in row and shown not in (None, fmt):  # data.format names another format
+        raise DataError(
+            f"{where}: the row is in the {shown} format (keys {sorted(row)}), and data.format is {fmt}; fix: set "
+            f"data.format: {shown}, or remove data.format to detect it"
+        )
     if fmt == "messages":
         _check_messages(row.get("messages"), where)
         return row["messages"]
