@@ -330,5 +330,10 @@ def test_sharegpt_rows_train_as_their_messages_and_an_unknown_speaker_is_named(t
     assert (
         f"{shared}:1: the row is in the sharegpt format (keys ['conversations']), and data.format is messages"
     ) in finding.message
+    assert finding.fix == {"data.format": "sharegpt"}  # every bad line has that one fix: --fix writes it
+    assert finding.fix_text == "set data.format: sharegpt, or remove data.format to detect it"
     with pytest.raises(DataError, match="fix: set data.format: sharegpt, or remove data.format to detect it"):
         fitune.train(recipe, max_steps=1, **QUIET)
+    fixed = CliRunner().invoke(app, ["doctor", str(_write(tmp_path, recipe)), "--fix"])
+    assert "1 error(s) remain in the corrected recipe" in fixed.output, fixed.output  # line 4's speaker
+    assert yaml.safe_load((tmp_path / "r.fixed.yaml").read_text())["data"]["format"] == "sharegpt"

@@ -358,7 +358,8 @@ def row_content(row: dict, fmt: str, where: str) -> list[dict] | str:
     if FORMAT_KEYS[fmt] not in row and shown not in (None, fmt):  # data.format names another format
         raise DataError(
             f"{where}: the row is in the {shown} format (keys {sorted(row)}), and data.format is {fmt}; fix: set "
-            f"data.format: {shown}, or remove data.format to detect it"
+            f"data.format: {shown}, or remove data.format to detect it",
+            change={"data.format": shown},
         )
     if fmt == "messages":
         _check_messages(row.get("messages"), where)

@@ -30,6 +30,8 @@ class DataScan:
     bad_count: int = 0
     fatal: str | None = None  # a problem with the whole file (missing, empty, unknown format, no template)
     lengths: Lengths | None = None  # with a tokenizer only
+    # a recipe change that fixes every bad line (data.format naming another format), with its fix text
+    common_fix: tuple[dict, str] | None = None
 
 
 def scan_dataset(
@@ -51,6 +53,10 @@ def scan_dataset(
                 scan.bad_count += 1
                 if len(scan.bad_lines) < MAX_LISTED:
                     scan.bad_lines.append(str(result))
+                if scan.bad_count == 1 and result.change:
+                    scan.common_fix = result.change, str(result).partition("; fix: ")[2]
+                elif scan.common_fix and result.change != scan.common_fix[0]:
+                    scan.common_fix = None
                 continue
             scan.examples += 1
             if result is not None:
@@ -183,8 +189,11 @@ def check_data(
                 + (" (skipped: data.on_bad_line is skip)" if skip else "")
                 + f":{listed}"
                 + (f"\n    ... and {more} more" if more else ""),
-                "repair or remove those lines"
+                scan.common_fix[1]
+                if scan.common_fix
+                else "repair or remove those lines"
                 + ("" if skip else ", or set data.on_bad_line: skip to drop them"),
+                scan.common_fix[0] if scan.common_fix else None,
             )
         )
     if scan.examples == 0:
