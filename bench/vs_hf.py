@@ -11,7 +11,7 @@ once under the memory profiler, alternating fitune and HF so that other load on 
   agree on a tiny run (``check_peak_measurement``). Both paths build everything inside the run; the
   safetensors file they read is memory-mapped (page cache, not allocator memory), as in
   ``measure_cpu_peak``'s relative peak;
-- tokens/s: ``fitune.trainer.loop.tokens_per_second`` over the steps after the first (warm-up excluded),
+- tokens/s: ``fitune.trainer.events.tokens_per_second`` over the steps after the first (warm-up excluded),
   best of the timed runs;
 - for SmolLM2 LoRA, the share of this CPU's measured GEMM throughput that training reaches (model FLOPs:
   forward 2*P, backward 2*P for the activation gradients of a frozen base, attention; recompute not counted).
@@ -242,7 +242,7 @@ def run_hf(cfg: Config, rows: list[torch.Tensor]) -> list[float]:
 
 
 def tokens_per_s(cfg: Config, ends: list[float]) -> float:
-    from fitune.trainer.loop import tokens_per_second
+    from fitune.trainer.events import tokens_per_second
 
     steps = len(ends) - 1  # the first step (warm-up: lazy inits, first allocations) is left out
     return tokens_per_second(steps * cfg.batch * cfg.seq_len, ends[-1] - ends[0])

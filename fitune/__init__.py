@@ -1,6 +1,6 @@
 """fitune: fine-tune open LLMs on the hardware you have.
 
-Public API: ``Recipe``, ``train``, ``plan``, ``measure``, ``doctor``. Heavy modules (torch, transformers)
+Public API: ``Recipe``, ``train``, ``plan``, ``measure``, ``doctor``; ``Listener`` for ``train(callbacks=...)``. Heavy modules (torch, transformers)
 load on first use, so ``import fitune`` stays fast.
 """
 
@@ -12,9 +12,10 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from fitune.recipe import Recipe
-    from fitune.trainer.loop import TrainResult
+    from fitune.trainer.events import Listener
+    from fitune.trainer.run import TrainResult
 
-__all__ = ["Recipe", "TrainResult", "doctor", "measure", "plan", "train", "__version__"]
+__all__ = ["Listener", "Recipe", "TrainResult", "doctor", "measure", "plan", "train", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -23,15 +24,22 @@ def __getattr__(name: str) -> Any:
 
         return Recipe
     if name == "TrainResult":
-        from fitune.trainer.loop import TrainResult
+        from fitune.trainer.run import TrainResult
 
         return TrainResult
+    if name == "Listener":
+        from fitune.trainer.events import Listener
+
+        return Listener
     raise AttributeError(f"module 'fitune' has no attribute {name!r}")
 
 
 def train(recipe, max_steps: int | None = None, **kwargs):
-    """Train a recipe (a ``Recipe``, a dict or a YAML path); returns a ``TrainResult``."""
-    from fitune.trainer.loop import train as _train
+    """Train a recipe (a ``Recipe``, a dict or a YAML path); returns a ``TrainResult``.
+
+    ``callbacks=[...]``: listeners of the run's events (subclasses of ``fitune.Listener``; see
+    ``fitune/trainer/events.py``), e.g. to send each step's figures to your own tracker."""
+    from fitune.trainer.run import train as _train
 
     return _train(_as_recipe(recipe), max_steps=max_steps, **kwargs)
 

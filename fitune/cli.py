@@ -71,7 +71,7 @@ def train(
         from fitune.preflight import doctor as run_doctor
         from fitune.preflight import environment_for
         from fitune.preflight.run import planned_peak
-        from fitune.trainer.loop import train as run_train
+        from fitune.trainer.run import train as run_train
 
         env = environment_for(r, training=True)
         findings = run_doctor(r, env=env, planned_peak_bytes=planned_peak(r, env), training=True)

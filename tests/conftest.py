@@ -91,9 +91,9 @@ def fail_step_with_out_of_memory(monkeypatch, at_step: int) -> None:
     """Make the ``at_step``-th training step of the next runs raise the error the CUDA allocator raises."""
     import torch
 
-    import fitune.trainer.loop as loop
+    import fitune.trainer.run as run_module
 
-    real = loop.train_step
+    real = run_module.train_step
     calls = {"n": 0}
 
     def step(session, batches):
@@ -103,4 +103,4 @@ def fail_step_with_out_of_memory(monkeypatch, at_step: int) -> None:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(session, batches)
 
-    monkeypatch.setattr(loop, "train_step", step)
+    monkeypatch.setattr(run_module, "train_step", step)

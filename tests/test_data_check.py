@@ -49,12 +49,12 @@ def _data_findings(recipe: dict):
 @pytest.fixture
 def no_weights(monkeypatch):
     """Fail the test if a model is built (no weight may load before the data is checked)."""
-    import fitune.trainer.loop as loop
+    import fitune.trainer.run as run_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was built before the data check finished")
 
-    monkeypatch.setattr(loop, "build_session", refuse)
+    monkeypatch.setattr(run_module, "build_session", refuse)
 
 
 def test_doctor_names_a_corrupt_line_7_and_the_fixed_file_passes(tmp_path, no_weights):
@@ -86,17 +86,17 @@ def test_train_stops_on_bad_data_before_any_weight_and_the_fixed_rerun_trains_wi
     data = Path(recipe["data"]["path"])
     good = _replace_line(data, 7, '{"messages": [oops')
     path = _write(tmp_path, recipe)
-    import fitune.trainer.loop as loop
+    import fitune.trainer.run as run_module
 
-    real = loop.build_session
-    monkeypatch.setattr(loop, "build_session", lambda *a, **k: pytest.fail("model built on bad data"))
+    real = run_module.build_session
+    monkeypatch.setattr(run_module, "build_session", lambda *a, **k: pytest.fail("model built on bad data"))
     result = CliRunner().invoke(app, ["train", str(path), "--max-steps", "1", "--no-progress"])
     assert result.exit_code == EXIT_DOCTOR, result.output
     assert f"{data}:7: not a valid JSON object" in _flat(result.output)
     assert "preflight found errors" in result.output
     assert not (tmp_path / "run").exists()  # nothing written: the re-run needs no --overwrite
     data.write_text(good)
-    monkeypatch.setattr(loop, "build_session", real)
+    monkeypatch.setattr(run_module, "build_session", real)
     again = CliRunner().invoke(app, ["train", str(path), "--max-steps", "1", "--no-progress"])
     assert again.exit_code == 0, again.output
     assert "tokens per example over 48 examples: min 29, median 30, p95 31, max 31" in _flat(again.output)

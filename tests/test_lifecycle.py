@@ -41,16 +41,16 @@ def _losses(out: Path) -> list[float]:
 def test_marker_says_running_with_pid_and_host_then_done(tmp_path, monkeypatch):
     import socket
 
-    import fitune.trainer.loop as loop
+    import fitune.trainer.run as run_module
 
     seen = {}
-    real = loop.train_step
+    real = run_module.train_step
 
     def step(session, batches):
         seen.setdefault("marker", _marker(tmp_path / "run"))
         return real(session, batches)
 
-    monkeypatch.setattr(loop, "train_step", step)
+    monkeypatch.setattr(run_module, "train_step", step)
     fitune.train(tiny_recipe(tmp_path), max_steps=2, **QUIET)
     running = seen["marker"]
     assert running["status"] == "running"

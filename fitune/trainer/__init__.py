@@ -1,5 +1,6 @@
-"""Training: the loop that calls the one train step."""
+"""Training: the run's sequence (``run.py``), its events and listeners, the phases it calls."""
 
-from fitune.trainer.loop import TrainResult, train
+from fitune.trainer.events import Listener
+from fitune.trainer.run import TrainResult, train
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["Listener", "TrainResult", "train"]

@@ -1,0 +1,150 @@
+"""fitune's own listeners of a run: the metrics file, the progress bar on a terminal, log lines elsewhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fitune.trainer.events import EvalDone, Listener, RunEnded, RunStarted, StepDone, tokens_per_second
+from fitune.trainer.runfolder import write_atomic
+
+METRICS = "metrics.jsonl"
+
+
+class MetricsFile(Listener):
+    """``metrics.jsonl``: one JSON row a step, flushed as written, so a crash loses at most the step it
+    struck in. A resumed run first drops the rows written after its checkpoint, then writes them again."""
+
+    def __init__(self):
+        self.file = None
+
+    def run_started(self, event: RunStarted) -> None:
+        path = event.out / METRICS
+        if event.resumed:
+            _keep_rows_up_to(path, event.first_step - 1)
+        self.file = open(path, "a", encoding="utf-8")
+
+    def step_done(self, event: StepDone) -> None:
+        row = {
+            "step": event.step,
+            "loss": round(event.loss, 6),
+            "lr": event.lr,
+            "tokens": event.tokens,
+            "tokens_per_s": round(event.tokens_per_second, 2),
+            "memory_bytes": event.memory_bytes,
+        }
+        if event.eval_loss is not None:
+            row["eval_loss"] = event.eval_loss
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def run_ended(self, event: RunEnded) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def _keep_rows_up_to(path: Path, last_step: int) -> None:
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a row cut short by a crash
+    write_atomic(path, "".join(kept))
+
+
+class _Throughput:
+    """Tokens/s over this process's steps so far (a resumed run counts from its own first step)."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def add(self, event: StepDone) -> float:
+        self.tokens += event.tokens
+        self.seconds += event.seconds
+        return tokens_per_second(self.tokens, self.seconds)
+
+
+class LogLines(Listener):
+    """What a run says in words: its start, evals before and after, and, without a progress bar, a line
+    every ``train.log_every`` steps."""
+
+    def __init__(self, echo, with_steps: bool):
+        self.echo = echo
+        self.with_steps = with_steps
+        self.log_every = 1
+        self.throughput = _Throughput()
+
+    def run_started(self, event: RunStarted) -> None:
+        from fitune import __version__
+
+        self.log_every = event.recipe.train.log_every
+        self.echo(
+            f"fitune {__version__}: {event.model}, {event.recipe.method.kind}, {event.n_train} train / "
+            f"{event.n_eval} eval examples ({event.data_format}), {event.total_steps} steps on {event.device}"
+        )
+        for note in event.notes:
+            self.echo(f"  {note}")
+        if event.resumed:
+            self.echo(f"  resuming after step {event.first_step - 1}")
+
+    def eval_done(self, event: EvalDone) -> None:
+        if event.when != "during":
+            self.echo(f"  eval loss {event.when} training: {event.loss:.4f}")
+
+    def step_done(self, event: StepDone) -> None:
+        rate = self.throughput.add(event)
+        if self.with_steps and event.step % self.log_every == 0:
+            self.echo(f"  step {event.step}/{event.total_steps} loss {event.loss:.4f} {rate:,.0f} tok/s")
+
+
+class ProgressBar(Listener):
+    """A rich progress bar over the steps, on a terminal only (``enabled`` says whether one is shown)."""
+
+    def __init__(self, enabled: bool):
+        from rich.console import Console
+
+        self.enabled = enabled and Console().is_terminal  # logs and pipes get plain lines instead
+        self.bar = None
+        self.task = None
+        self.throughput = _Throughput()
+
+    def run_started(self, event: RunStarted) -> None:
+        if not self.enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self.task = self.bar.add_task("training", total=event.total_steps, completed=event.first_step - 1)
+        self.bar.start()
+
+    def step_done(self, event: StepDone) -> None:
+        if self.bar is None:
+            return
+        rate = self.throughput.add(event)
+        self.bar.update(
+            self.task,
+            advance=1,
+            description=f"loss {event.loss:.4f} | {rate:,.0f} tok/s | {event.memory_bytes / 2**30:.2f} GiB",
+        )
+        if event.step == event.total_steps:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+    def run_ended(self, event: RunEnded) -> None:
+        self.stop()

@@ -1,0 +1,313 @@
+"""A training run, top to bottom: prepare the folder, resolve model and data, build the session, evaluate and
+sample, step, evaluate and sample again, save, finish with a status.
+
+Every optimizer step goes through ``fitune.step.train_step``, the same function planning simulates; eval,
+samples, checkpoints and the final save go through ``fitune.trainer.phases``, which the planner traces too.
+What records or shows the run listens to its events (``fitune/trainer/events.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fitune.data.batching import MicroBatches, batches_per_epoch
+from fitune.data.dataset import TokenizedData, data_files, load_dataset
+from fitune.data.scan import byte_progress, length_advice
+from fitune.errors import FituneError, RunInterrupted
+from fitune.recipe import Recipe
+from fitune.session import Session, build_session
+from fitune.step import train_step
+from fitune.trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from fitune.trainer.events import (
+    CheckpointWritten,
+    EvalDone,
+    Listeners,
+    RunEnded,
+    RunStarted,
+    SamplesDone,
+    StepDone,
+    tokens_per_second,
+)
+from fitune.trainer.listeners import LogLines, MetricsFile, ProgressBar
+from fitune.trainer.oom import OutOfMemory, is_out_of_memory
+from fitune.trainer.phases import eval_batches, evaluate, generate, oom_guard, save_result
+from fitune.trainer.runfolder import RunMarker, prepare_run_folder, write_atomic
+from fitune.trainer.signals import Signals
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]
+    eval_losses: dict[int, float]  # step -> eval loss (step 0 = before training)
+    tokens_per_second: float
+    output_dir: Path
+    steps: int
+    samples_before: list[str] = field(default_factory=list)
+    samples_after: list[str] = field(default_factory=list)
+    truncated_examples: int = 0
+
+
+def memory_in_use(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+    except OSError:
+        return 0
+
+
+def total_steps(recipe: Recipe, n_train: int) -> int:
+    t = recipe.train
+    if t.max_steps is not None:
+        return t.max_steps
+    per_epoch = math.ceil(batches_per_epoch(n_train, t.batch_size) / t.grad_accum)
+    return max(1, math.ceil(per_epoch * (t.epochs or 1.0)))
+
+
+def train(
+    recipe: Recipe,
+    max_steps: int | None = None,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    echo=print,
+    callbacks: list | None = None,
+) -> TrainResult:
+    """Train ``recipe`` to completion (or ``max_steps``) and save the result in ``recipe.output.dir``.
+
+    ``callbacks`` are listeners of the run's events (``fitune.Listener``), called after fitune's own.
+    ``fitune-run.json`` in the folder tells the run's state at every moment (``fitune/trainer/runfolder.py``).
+    Ctrl-C or SIGTERM during the steps stops after the current step, writes a checkpoint and raises
+    ``RunInterrupted``; elsewhere, or a second signal, stops at once.
+    """
+    if recipe.data is None:
+        raise FituneError(
+            "data: the recipe has no data section; fix: add data.path (a JSONL file) or data.hub (a Hub dataset) to train"
+        )
+    bar = ProgressBar(progress)
+    listeners = Listeners(
+        [MetricsFile(), bar, LogLines(echo, with_steps=not bar.enabled), *(callbacks or [])], echo
+    )
+    out = prepare_run_folder(recipe, overwrite, resume)
+    marker = RunMarker(out, resumed=resume)
+    if not resume:
+        write_atomic(out / "recipe.resolved.yaml", recipe.to_yaml())
+
+    def end(status: str, phase: str, error=None, result: TrainResult | None = None, **fields) -> None:
+        """The marker's last word, then ``run_ended`` to every listener."""
+        found = find_checkpoint(out)
+        ckpt = found[1] if found else None
+        message = _message(error) if error is not None else None
+        if status == "done":
+            marker.write(status, **fields)
+        elif status == "interrupted":
+            marker.write(status, phase=phase, signal=fields["signal"], checkpoint_step=ckpt)
+        else:
+            marker.write(status, phase=phase, error=message, checkpoint_step=ckpt)
+        listeners.end(RunEnded(status, phase, out, message, ckpt, result))
+
+    with Signals(echo) as signals:
+        try:
+            result, saved = _run(recipe, out, marker, listeners, signals, max_steps, resume, progress)
+        except OutOfMemory as exc:
+            end("out_of_memory", exc.report.phase, exc)
+            raise
+        except RunInterrupted as exc:
+            exc.phase = exc.phase or marker.phase
+            end("interrupted", exc.phase, signal=exc.signal_name)
+            raise exc.described(out) from None
+        except KeyboardInterrupt:  # raised by code other than fitune's handler (a notebook, a debugger)
+            end("interrupted", marker.phase, signal="SIGINT")
+            raise RunInterrupted("SIGINT", marker.phase).described(out) from None
+        except BaseException as exc:
+            oom = is_out_of_memory(exc) or is_out_of_memory(exc.__cause__)
+            end("out_of_memory" if oom else "failed", marker.phase, exc)
+            raise
+    end(
+        "done",
+        "done",
+        steps=result.steps,
+        final_loss=result.losses[-1] if result.losses else None,
+        eval_losses=result.eval_losses,
+        tokens_per_second=result.tokens_per_second,
+        saved=str(saved.relative_to(out)),
+        truncated_examples=result.truncated_examples,
+        result=result,
+    )
+    return result
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) < 2000 else text[:2000] + "..."
+
+
+def _run(recipe, out, marker, listeners, signals, max_steps, resume, progress) -> tuple[TrainResult, Path]:
+    """The run's sequence; returns its result and the folder the final save wrote."""
+    torch.manual_seed(recipe.train.seed)
+    source, tokenizer, data = _model_and_data(recipe, marker, progress)
+    steps = max_steps or total_steps(recipe, len(data.train))
+    marker.phase = "load"
+    session = _build(recipe, steps, source, tokenizer)
+    first_step, restore_rng = load_checkpoint(session, out) if resume else (0, lambda: None)
+    first_step += 1
+    listeners.send("run_started", _started(recipe, out, steps, first_step, source, session, data))
+
+    samples_before = _samples(session, listeners, marker, "before")
+    eval_losses: dict[int, float] = {}
+    _eval(session, data, listeners, marker, 0, "before", eval_losses)
+
+    losses, tokens, seconds = _steps(
+        session, data, listeners, marker, signals, first_step, steps, restore_rng, eval_losses
+    )
+
+    _eval(session, data, listeners, marker, steps, "after", eval_losses)
+    samples_after = _samples(session, listeners, marker, "after")
+    marker.phase = "save"
+    result = TrainResult(
+        losses=losses,
+        eval_losses=eval_losses,
+        tokens_per_second=tokens_per_second(tokens, seconds),
+        output_dir=out,
+        steps=steps,
+        samples_before=samples_before,
+        samples_after=samples_after,
+        truncated_examples=data.truncated,
+    )
+    return result, save_result(session, out)
+
+
+def _model_and_data(recipe, marker, show_progress: bool):
+    """The model's source (downloading a hub id's weights), the tokenizer and the tokenized data."""
+    from fitune.models import sources
+    from fitune.models.tokenizers import load_tokenizer
+
+    marker.phase = "model"
+    source = sources.resolve(recipe)
+    marker.phase = "data"
+    if source.commit is not None:  # which weights a hub id meant, for the record
+        marker.base["model"] = {
+            "hub_id": recipe.model.source,
+            "revision": recipe.model.revision,
+            "commit": source.commit,
+        }
+        marker.write("running")
+    files = data_files(recipe, show_progress=show_progress)  # a hub dataset: from the preflight's cache
+    if files.hub is not None:  # which data a hub id meant, for the record
+        marker.base["data"] = files.hub.record()
+        marker.write("running")
+    tokenizer = load_tokenizer(source, source.config)
+    with byte_progress(files, "tokenizing", show_progress) as read:
+        data = load_dataset(recipe, tokenizer, read, files)
+    return source, tokenizer, data
+
+
+def _build(recipe, steps: int, source, tokenizer) -> Session:
+    try:
+        session = build_session(recipe, total_steps=steps, source=source, with_tokenizer=False)
+    except RuntimeError as exc:
+        if is_out_of_memory(exc):
+            raise FituneError(
+                f"out of memory while loading the model: {str(exc).splitlines()[0][:200]}; fix: run "
+                "`fitune plan` on the recipe to see the load peak, and try method.kind: qlora or a smaller model"
+            ) from exc
+        raise
+    session.tokenizer = tokenizer
+    return session
+
+
+def _started(recipe, out, steps, first_step, source, session, data: TokenizedData) -> RunStarted:
+    notes = list(session.notes)
+    advice = length_advice(data.lengths) if data.lengths is not None else None
+    if advice is not None:
+        _, message, fix = advice
+        notes.append(message + ("" if fix == "none needed" else f"; fix: {fix}"))
+    notes += [f"skipped {line}" for line in data.skipped_lines]
+    return RunStarted(
+        recipe=recipe,
+        out=out,
+        total_steps=steps,
+        first_step=first_step,
+        model=source.description,
+        device=str(session.device),
+        n_train=len(data.train),
+        n_eval=len(data.eval),
+        data_format=data.format,
+        notes=notes,
+    )
+
+
+def _samples(session, listeners, marker, when: str) -> list[str]:
+    prompts = session.recipe.samples.prompts
+    if not prompts:
+        return []
+    marker.phase = "samples"
+    answers = generate(session, prompts, session.recipe.samples.max_new_tokens)
+    listeners.send("samples_done", SamplesDone(when, list(prompts), answers))
+    return answers
+
+
+def _eval(session, data, listeners, marker, step: int, when: str, losses: dict[int, float]) -> float | None:
+    """Eval loss over the eval split in micro-batches of ``train.batch_size``; None without an eval split."""
+    marker.phase = "eval"
+    pad_id = session.tokenizer.pad_token_id
+    loss = evaluate(session, eval_batches(data.eval, session.recipe.train.batch_size, pad_id), step)
+    if loss is not None:
+        losses[step] = loss
+        listeners.send("eval_done", EvalDone(step, loss, when))
+    return loss
+
+
+def _steps(session, data, listeners, marker, signals, first_step, steps, restore_rng, eval_losses):
+    """The optimizer steps ``first_step``..``steps``; returns their losses, tokens and seconds."""
+    t = session.recipe.train
+    every = session.recipe.output.save_every
+    it = iter(MicroBatches(data.train, t.batch_size, session.tokenizer.pad_token_id, t.seed))
+    for _ in range((first_step - 1) * t.grad_accum):  # the data a resumed run already saw
+        next(it)
+    losses: list[float] = []
+    tokens, seconds = 0, 0.0
+    signals.deferring = True  # a signal now stops the run after the step it arrives in
+    try:
+        restore_rng()  # a resumed run draws on from where the checkpointed one stood
+        for step in range(first_step, steps + 1):
+            group = [next(it) for _ in range(t.grad_accum)]
+            n_tok = sum(b.num_tokens for b in group)
+            lr = session.scheduler.get_last_lr()[0]  # the rate this step applies
+            t0 = time.perf_counter()
+            marker.phase = step_phase = "first_step" if step == first_step else "steady_step"
+            with oom_guard(session, step_phase, step):
+                loss = float(train_step(session, group))
+            dt = time.perf_counter() - t0
+            if not math.isfinite(loss):
+                raise FituneError(
+                    f"step {step}: the loss became {loss}; fix: lower train.lr (now {t.lr}) or use "
+                    "bf16/fp32 precision instead of fp16"
+                )
+            tokens += n_tok
+            seconds += dt
+            losses.append(loss)
+            memory = memory_in_use(session.device)
+            ev = None
+            if t.eval_every and step % t.eval_every == 0 and step != steps:
+                ev = _eval(session, data, listeners, marker, step, "during", eval_losses)
+            listeners.send("step_done", StepDone(step, steps, loss, lr, n_tok, dt, memory, ev))
+            # one look per step: a signal arriving after it stops the run after the next step
+            stop = signals.pending if step != steps else None
+            if (every and step % every == 0 or stop) and step != steps:
+                marker.phase = "checkpoint"
+                with oom_guard(session, "checkpoint", step):
+                    path = save_checkpoint(session, out=marker.out, step=step)
+                listeners.send("checkpoint_written", CheckpointWritten(step, path))
+            if stop:
+                raise RunInterrupted(stop, step_phase, step)
+    finally:
+        signals.deferring = False
+    return losses, tokens, seconds
