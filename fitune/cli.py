@@ -70,11 +70,13 @@ def train(
         r = _load(recipe)
         from fitune.preflight import doctor as run_doctor
         from fitune.preflight import environment_for
-        from fitune.preflight.run import planned_peak
+        from fitune.preflight.run import plan_for
         from fitune.trainer.run import train as run_train
 
         env = environment_for(r, training=True)
-        findings = run_doctor(r, env=env, planned_peak_bytes=planned_peak(r, env), training=True)
+        the_plan, _ = plan_for(r, env)
+        peak = the_plan.peak_bytes if the_plan is not None else None
+        findings = run_doctor(r, env=env, planned_peak_bytes=peak, training=True)
         if findings:
             _print_findings(findings)
         if any(f.severity == "error" for f in findings) and not force:
@@ -90,6 +92,7 @@ def train(
             resume=resume,
             progress=not no_progress,
             echo=lambda line: console.print(line, markup=False, highlight=False),
+            plan=the_plan,
         )
     except RecipeError as exc:
         _fail(exc, EXIT_INVALID_RECIPE)

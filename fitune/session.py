@@ -49,6 +49,9 @@ class Session:
     offload: ActivationOffload | None = None  # saved-tensor hooks of train.offload_activations
     derived: lean.Derived | None = None  # saved-tensor hooks of train.lean_activations
     installed: Installed = field(default_factory=Installed)  # what the techniques changed on the model
+    # the last step's total gradient norm before clipping: one fp32 scalar from the build on, written in place
+    # each step, so no step holds a tensor of the one before (planned as the run holds it)
+    grad_norm: torch.Tensor | None = None
 
     @property
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -589,6 +592,7 @@ def build_session(
         offload=offload,
         derived=derived,
         installed=installed,
+        grad_norm=torch.zeros((), dtype=torch.float32, device=device),
     )
     session.set_training(True)
     return session

@@ -102,7 +102,8 @@ def micro_batch_loss(session, batch: Batch, n_targets: torch.Tensor) -> torch.Te
 
 
 def train_step(session, batches: list[Batch]) -> torch.Tensor:
-    """One optimizer step over ``batches`` (the gradient-accumulation group); returns the mean token loss.
+    """One optimizer step over ``batches`` (the gradient-accumulation group); returns the mean token loss and
+    leaves the gradients' total norm before clipping in ``session.grad_norm`` (both tensors, never synced).
 
     Micro-batches may wait in host memory: each moves to the device only for its own forward and backward.
     """
@@ -116,8 +117,12 @@ def train_step(session, batches: list[Batch]) -> torch.Tensor:
     if scaler is not None:
         scaler.unscale_(session.optimizer)
     max_norm = session.recipe.train.max_grad_norm
-    if max_norm is not None:
-        torch.nn.utils.clip_grad_norm_([p for _, p in session.trainable_parameters], max_norm)
+    params = [p for _, p in session.trainable_parameters]
+    if max_norm is not None:  # the norm before clipping, as the metrics report it
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    session.grad_norm.copy_(norm.detach())
     if scaler is not None:
         scaler.step(session.optimizer)  # skips the step when gradients overflowed
         scaler.update()

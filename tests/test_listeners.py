@@ -173,3 +173,49 @@ def test_a_resumed_run_starts_after_its_checkpoint(tmp_path, monkeypatch):
     start = rec.of("run_started")[0]
     assert start.resumed and start.first_step == 3
     assert [e.step for e in rec.of("step_done")] == [3, 4]
+
+
+def test_the_folder_keeps_the_plan_and_each_step_its_gradient_norm_time_and_eval_perplexity(tmp_path):
+    recipe = tiny_recipe(tmp_path, train={"eval_every": 2, "max_grad_norm": 1e-3})
+    rec = Recorder()
+    fitune.train(recipe, max_steps=3, callbacks=[rec], **QUIET)
+    out = tmp_path / "run"
+    planned = json.loads((out / "plan.json").read_text())
+    assert planned == rec.of("run_started")[0].plan
+    assert planned["peak_bytes"] == fitune.plan(recipe).peak_bytes
+    assert {"first_step", "steady_step", "eval"} <= set(planned["phase_breakdowns"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = rec.of("step_done")
+    # the norm before clipping: far above the 1e-3 the gradients were clipped to
+    assert all(
+        r["grad_norm"] > 1e-2 and r["grad_norm"] == pytest.approx(s.grad_norm, rel=1e-5)
+        for r, s in zip(rows, steps, strict=True)
+    )
+    assert [r["step_s"] for r in rows] == [round(s.seconds, 4) for s in steps] and all(
+        r["step_s"] > 0 for r in rows
+    )
+    assert "allocated_bytes" not in rows[0]  # CUDA only
+    assert rows[1]["eval_perplexity"] == pytest.approx(math.exp(rows[1]["eval_loss"]), rel=1e-5)
+    evals = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["when"]) for e in evals] == [(0, "before"), (2, "during"), (3, "after")]
+    assert all(e["perplexity"] == pytest.approx(math.exp(e["loss"]), rel=1e-5) for e in evals)
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-3])
+def test_the_step_leaves_the_norm_of_its_gradients_before_any_clipping(tmp_path, max_grad_norm):
+    import torch
+
+    from fitune.data.batching import Batch
+    from fitune.session import build_session
+    from fitune.step import micro_batch_loss, train_step
+
+    recipe = fitune.Recipe.from_dict(tiny_recipe(tmp_path, train={"max_grad_norm": max_grad_norm}))
+    s = build_session(recipe, total_steps=2, with_tokenizer=False)
+    ids = torch.randint(0, 260, (2, 16), generator=torch.Generator().manual_seed(0))
+    batch = Batch(ids, None, (ids + 1) % 260)
+    micro_batch_loss(s, batch, torch.tensor(ids.numel())).backward()  # the same gradients, by hand
+    grads = [p.grad.norm() for _, p in s.trainable_parameters]
+    expected = float(torch.linalg.vector_norm(torch.stack(grads)))
+    s.optimizer.zero_grad()
+    train_step(s, [batch])
+    assert float(s.grad_norm) == pytest.approx(expected, rel=1e-5) and expected > 1e-2

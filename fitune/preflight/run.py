@@ -37,15 +37,21 @@ def resolved_source(recipe):
         return None, str(exc).partition("; fix: ")[0]
 
 
-def planned_peak(recipe, env) -> int | None:
-    """The plan's peak for the environment's device (None when the step cannot be planned)."""
+def plan_for(recipe, env):
+    """The plan of ``recipe`` on the environment's device, or (None, why) when it cannot be planned."""
     from fitune.planner import plan
 
     target = "cpu" if env.device_type == "cpu" else (env.gpu.name if env.simulated and env.gpu else "cuda")
     try:
-        return plan(recipe.updated({"hardware.device": target})).peak_bytes
-    except FituneError:
-        return None
+        return plan(recipe.updated({"hardware.device": target})), None
+    except FituneError as exc:
+        return None, str(exc)
+
+
+def planned_peak(recipe, env) -> int | None:
+    """The plan's peak for the environment's device (None when the step cannot be planned)."""
+    found, _ = plan_for(recipe, env)
+    return found.peak_bytes if found is not None else None
 
 
 def doctor(

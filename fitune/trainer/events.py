@@ -43,6 +43,7 @@ class RunStarted:
     n_eval: int
     data_format: str
     notes: list[str] = field(default_factory=list)  # what the run wants said before it trains
+    plan: dict | None = None  # plan.json's content: the plan of the run (fitune.planner.plan.Plan fields)
 
     @property
     def resumed(self) -> bool:
@@ -58,13 +59,13 @@ class SamplesDone:
 
 @dataclass(frozen=True)
 class EvalDone:
-    step: int  # 0 before training
+    step: int  # 0 before training; a resumed run's first eval is at its checkpoint's step
     loss: float
-    when: str  # "before" | "during" | "after" training
+    when: str  # "before" | "resumed" (before a resumed run's steps) | "during" | "after" training
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.loss) if self.loss < 700 else math.inf
+        return perplexity(self.loss)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,10 @@ class StepDone:
     lr: float
     tokens: int  # non-padding tokens of the step's micro-batches
     seconds: float  # wall time of the step
-    memory_bytes: int
+    memory_bytes: int  # CUDA: the allocator's peak so far; CPU: the process's resident memory
+    grad_norm: float | None = None  # total gradient norm before clipping
+    allocated_bytes: int | None = None  # CUDA: allocated after the step (None on CPU)
+    reserved_bytes: int | None = None  # CUDA: reserved by the caching allocator after the step
     eval_loss: float | None = None  # an eval pass that came at this step
 
     @property
@@ -97,6 +101,11 @@ class RunEnded:
     error: str | None = None
     checkpoint_step: int | None = None
     result: TrainResult | None = None
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean token loss); inf where it overflows a float."""
+    return math.exp(loss) if loss < 700 else math.inf
 
 
 def tokens_per_second(tokens: int, seconds: float) -> float:

@@ -3,45 +3,77 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-from fitune.trainer.events import EvalDone, Listener, RunEnded, RunStarted, StepDone, tokens_per_second
+from fitune.trainer.events import (
+    EvalDone,
+    Listener,
+    RunEnded,
+    RunStarted,
+    StepDone,
+    perplexity,
+    tokens_per_second,
+)
 from fitune.trainer.runfolder import write_atomic
 
-METRICS = "metrics.jsonl"
+METRICS = "metrics.jsonl"  # one row a step
+EVALS = "evals.jsonl"  # one row an eval pass: before training, every train.eval_every steps, after
 
 
 class MetricsFile(Listener):
-    """``metrics.jsonl``: one JSON row a step, flushed as written, so a crash loses at most the step it
-    struck in. A resumed run first drops the rows written after its checkpoint, then writes them again."""
+    """``metrics.jsonl`` (a row a step) and ``evals.jsonl`` (a row an eval pass), flushed as written, so a
+    crash loses at most the step it struck in. A resumed run first drops the rows written after its
+    checkpoint, then writes them again."""
 
     def __init__(self):
-        self.file = None
+        self.steps = self.evals = None
 
     def run_started(self, event: RunStarted) -> None:
-        path = event.out / METRICS
+        paths = event.out / METRICS, event.out / EVALS
         if event.resumed:
-            _keep_rows_up_to(path, event.first_step - 1)
-        self.file = open(path, "a", encoding="utf-8")
+            for path in paths:
+                _keep_rows_up_to(path, event.first_step - 1)
+        self.steps, self.evals = (open(path, "a", encoding="utf-8") for path in paths)
 
     def step_done(self, event: StepDone) -> None:
         row = {
             "step": event.step,
             "loss": round(event.loss, 6),
             "lr": event.lr,
+            "grad_norm": _rounded(event.grad_norm),
             "tokens": event.tokens,
+            "step_s": round(event.seconds, 4),
             "tokens_per_s": round(event.tokens_per_second, 2),
             "memory_bytes": event.memory_bytes,
         }
+        if event.allocated_bytes is not None:
+            row["allocated_bytes"] = event.allocated_bytes
+            row["reserved_bytes"] = event.reserved_bytes
         if event.eval_loss is not None:
             row["eval_loss"] = event.eval_loss
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+            row["eval_perplexity"] = _rounded(perplexity(event.eval_loss))
+        _append(self.steps, row)
+
+    def eval_done(self, event: EvalDone) -> None:
+        row = {"step": event.step, "when": event.when, "loss": event.loss}
+        _append(self.evals, dict(row, perplexity=_rounded(event.perplexity)))
 
     def run_ended(self, event: RunEnded) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        for file in (self.steps, self.evals):
+            if file is not None:
+                file.close()
+        self.steps = self.evals = None
+
+
+def _rounded(x: float | None) -> float | None:
+    """Six significant digits for the file; JSON has no inf or nan, so those are written as null."""
+    return float(f"{x:.6g}") if x is not None and math.isfinite(x) else None
+
+
+def _append(file, row: dict) -> None:
+    file.write(json.dumps(row) + "\n")
+    file.flush()
 
 
 def _keep_rows_up_to(path: Path, last_step: int) -> None:
@@ -94,7 +126,9 @@ class LogLines(Listener):
             self.echo(f"  resuming after step {event.first_step - 1}")
 
     def eval_done(self, event: EvalDone) -> None:
-        if event.when != "during":
+        if event.when == "resumed":
+            self.echo(f"  eval loss at step {event.step}, resumed: {event.loss:.4f}")
+        elif event.when != "during":
             self.echo(f"  eval loss {event.when} training: {event.loss:.4f}")
 
     def step_done(self, event: StepDone) -> None:

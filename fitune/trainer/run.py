@@ -8,6 +8,8 @@ What records or shows the run listens to its events (``fitune/trainer/events.py`
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fitune import __version__
 from fitune.data.batching import MicroBatches, batches_per_epoch
 from fitune.data.dataset import TokenizedData, data_files, load_dataset
 from fitune.data.scan import byte_progress, length_advice
@@ -38,6 +41,8 @@ from fitune.trainer.oom import OutOfMemory, is_out_of_memory
 from fitune.trainer.phases import eval_batches, evaluate, generate, oom_guard, save_result
 from fitune.trainer.runfolder import RunMarker, prepare_run_folder, write_atomic
 from fitune.trainer.signals import Signals
+
+PLAN = "plan.json"
 
 
 @dataclass
@@ -79,10 +84,13 @@ def train(
     progress: bool = True,
     echo=print,
     callbacks: list | None = None,
+    plan=None,
 ) -> TrainResult:
     """Train ``recipe`` to completion (or ``max_steps``) and save the result in ``recipe.output.dir``.
 
     ``callbacks`` are listeners of the run's events (``fitune.Listener``), called after fitune's own.
+    ``plan`` is the run's plan where the caller has made it (``fitune train`` does, for its preflight); else
+    the run plans itself before loading weights. It is kept in the folder as ``plan.json``.
     ``fitune-run.json`` in the folder tells the run's state at every moment (``fitune/trainer/runfolder.py``).
     Ctrl-C or SIGTERM during the steps stops after the current step, writes a checkpoint and raises
     ``RunInterrupted``; elsewhere, or a second signal, stops at once.
@@ -115,7 +123,7 @@ def train(
 
     with Signals(echo) as signals:
         try:
-            result, saved = _run(recipe, out, marker, listeners, signals, max_steps, resume, progress)
+            result, saved = _run(recipe, out, marker, listeners, signals, max_steps, resume, progress, plan)
         except OutOfMemory as exc:
             end("out_of_memory", exc.report.phase, exc)
             raise
@@ -149,20 +157,30 @@ def _message(exc: BaseException) -> str:
     return text if len(text) < 2000 else text[:2000] + "..."
 
 
-def _run(recipe, out, marker, listeners, signals, max_steps, resume, progress) -> tuple[TrainResult, Path]:
+def _run(
+    recipe, out, marker, listeners, signals, max_steps, resume, progress, plan
+) -> tuple[TrainResult, Path]:
     """The run's sequence; returns its result and the folder the final save wrote."""
     torch.manual_seed(recipe.train.seed)
     source, tokenizer, data = _model_and_data(recipe, marker, progress)
     steps = max_steps or total_steps(recipe, len(data.train))
+    marker.phase = "plan"
+    planned, why = _plan_file(recipe, out, plan)
     marker.phase = "load"
     session = _build(recipe, steps, source, tokenizer)
     first_step, restore_rng = load_checkpoint(session, out) if resume else (0, lambda: None)
     first_step += 1
-    listeners.send("run_started", _started(recipe, out, steps, first_step, source, session, data))
+    started = _started(recipe, out, steps, first_step, source, session, data, planned)
+    if why is not None:
+        started.notes.append(f"no plan.json: {why}")
+    listeners.send("run_started", started)
 
     samples_before = _samples(session, listeners, marker, "before")
     eval_losses: dict[int, float] = {}
-    _eval(session, data, listeners, marker, 0, "before", eval_losses)
+    if first_step == 1:
+        _eval(session, data, listeners, marker, 0, "before", eval_losses)
+    else:  # the weights the checkpoint holds
+        _eval(session, data, listeners, marker, first_step - 1, "resumed", eval_losses)
 
     losses, tokens, seconds = _steps(
         session, data, listeners, marker, signals, first_step, steps, restore_rng, eval_losses
@@ -209,6 +227,21 @@ def _model_and_data(recipe, marker, show_progress: bool):
     return source, tokenizer, data
 
 
+def _plan_file(recipe, out: Path, plan) -> tuple[dict | None, str | None]:
+    """``plan.json``: the run's plan (peak per phase and category, the steady step's timeline) where the
+    memory of the run can be set against it; (its content, None) or (None, why the run has none)."""
+    if plan is None:
+        from fitune.preflight.run import environment_for, plan_for
+
+        with torch.random.fork_rng(devices=[]):  # the run draws the same numbers with or without planning
+            plan, why = plan_for(recipe, environment_for(recipe, training=True))
+        if plan is None:
+            return None, why.partition("; fix: ")[0]
+    body = {"fitune_version": __version__, **plan.to_dict()}
+    write_atomic(out / PLAN, json.dumps(body))
+    return body, None
+
+
 def _build(recipe, steps: int, source, tokenizer) -> Session:
     try:
         session = build_session(recipe, total_steps=steps, source=source, with_tokenizer=False)
@@ -223,7 +256,7 @@ def _build(recipe, steps: int, source, tokenizer) -> Session:
     return session
 
 
-def _started(recipe, out, steps, first_step, source, session, data: TokenizedData) -> RunStarted:
+def _started(recipe, out, steps, first_step, source, session, data: TokenizedData, plan) -> RunStarted:
     notes = list(session.notes)
     advice = length_advice(data.lengths) if data.lengths is not None else None
     if advice is not None:
@@ -241,6 +274,7 @@ def _started(recipe, out, steps, first_step, source, session, data: TokenizedDat
         n_eval=len(data.eval),
         data_format=data.format,
         notes=notes,
+        plan=plan,
     )
 
 
@@ -263,6 +297,24 @@ def _eval(session, data, listeners, marker, step: int, when: str, losses: dict[i
         losses[step] = loss
         listeners.send("eval_done", EvalDone(step, loss, when))
     return loss
+
+
+def _figures(session, step, steps, loss, lr, tokens, seconds) -> StepDone:
+    """A step's figures, read after it: gradient norm, memory (allocated and reserved on CUDA)."""
+    norm = session.grad_norm
+    cuda = session.device.type == "cuda"
+    return StepDone(
+        step=step,
+        total_steps=steps,
+        loss=loss,
+        lr=lr,
+        tokens=tokens,
+        seconds=seconds,
+        memory_bytes=memory_in_use(session.device),
+        grad_norm=float(norm) if norm is not None else None,
+        allocated_bytes=torch.cuda.memory_allocated(session.device) if cuda else None,
+        reserved_bytes=torch.cuda.memory_reserved(session.device) if cuda else None,
+    )
 
 
 def _steps(session, data, listeners, marker, signals, first_step, steps, restore_rng, eval_losses):
@@ -294,11 +346,11 @@ def _steps(session, data, listeners, marker, signals, first_step, steps, restore
             tokens += n_tok
             seconds += dt
             losses.append(loss)
-            memory = memory_in_use(session.device)
-            ev = None
+            figures = _figures(session, step, steps, loss, lr, n_tok, dt)
             if t.eval_every and step % t.eval_every == 0 and step != steps:
                 ev = _eval(session, data, listeners, marker, step, "during", eval_losses)
-            listeners.send("step_done", StepDone(step, steps, loss, lr, n_tok, dt, memory, ev))
+                figures = dataclasses.replace(figures, eval_loss=ev)
+            listeners.send("step_done", figures)
             # one look per step: a signal arriving after it stops the run after the next step
             stop = signals.pending if step != steps else None
             if (every and step % every == 0 or stop) and step != steps:
