@@ -502,9 +502,9 @@ def doctor(
         _fail(FituneError("give a recipe file (or --list)"), EXIT_ERROR)
     try:
         r = _load(recipe)
-        from fitune.attention import plan_line
         from fitune.preflight import environment_for
         from fitune.preflight.run import resolved_source
+        from fitune.techniques.attention import plan_line
 
         env = environment_for(r)
         source, _ = resolved_source(r)

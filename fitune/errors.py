@@ -51,20 +51,3 @@ class RunInterrupted(FituneError):
         self.phase = phase
         self.step = step
         super().__init__(message or f"interrupted by {signal_name}")
-
-    def described(self, out) -> RunInterrupted:
-        """The same interruption with a message saying what is on disk and how to go on."""
-        from fitune.trainer.checkpoint import find_checkpoint
-
-        found = find_checkpoint(out)
-        where = f"after step {self.step}" if self.step is not None else f"during {self.phase or 'start-up'}"
-        if found is not None:
-            then = (
-                f"the checkpoint of step {found[1]} is in {found[0]}; continue with the same command and "
-                "--resume, or start again with --overwrite"
-            )
-        else:
-            then = "no checkpoint was written, so running the same command again starts the run afresh"
-        return RunInterrupted(
-            self.signal_name, self.phase, self.step, f"interrupted by {self.signal_name} {where}: {then}"
-        )

@@ -25,6 +25,6 @@ def prepare_libraries() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
-    from fitune.hub_kernels import import_bitsandbytes
+    from fitune.techniques.hub_kernels import import_bitsandbytes
 
     import_bitsandbytes()

@@ -15,15 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from fitune import attention, lean
 from fitune.errors import FituneError, ModelSourceError
-from fitune.hub_kernels import FROM_PRETRAINED
-from fitune.installed import Installed
 from fitune.libraries import prepare_libraries
 from fitune.models import sources
-from fitune.offload import ActivationOffload, offload_for
-from fitune.optimizers import build_optimizer
 from fitune.recipe import Recipe
+from fitune.techniques import attention, lean
+from fitune.techniques.hub_kernels import FROM_PRETRAINED
+from fitune.techniques.installed import Installed
+from fitune.techniques.offload import ActivationOffload, offload_for
+from fitune.techniques.optimizers import build_optimizer
 
 prepare_libraries()
 
@@ -519,7 +519,7 @@ def build_session(
     ``host_staging`` (planning for a GPU) is a context factory that marks host-memory work: QLoRA stages the
     full-precision model on the host and only its quantized layers reach the device; with
     ``host_category="offloaded_activations"`` it holds the activations ``train.offload_activations`` moves
-    to the host (``fitune/offload.py``), which the tracker counts as host memory.
+    to the host (``fitune/techniques/offload.py``), which the tracker counts as host memory.
     """
     device = torch.device(device) if device is not None else resolve_device(recipe.hardware.device)
     if source is None:

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fitune.data.batching import Batch
 from fitune.data.dataset import IGNORE
-from fitune.lean import chunk_loss_sum_, linear_cross_entropy
+from fitune.techniques.lean import chunk_loss_sum_, linear_cross_entropy
 
 
 def forward_hidden(session, batch: Batch) -> torch.Tensor:
@@ -58,7 +58,7 @@ def token_loss_sum(session, hidden_BTD: torch.Tensor, targets_BT: torch.Tensor) 
 
     With ``session.loss_chunk`` > 0 the tokens go through the output head in chunks of that many, so at most
     one chunk's logits exist at a time instead of all B*T*V of them. A plain linear head takes the fused
-    loss (``fitune.lean.linear_cross_entropy``: gradients computed in the forward pass, nothing recomputed);
+    loss (``fitune.techniques.lean.linear_cross_entropy``: gradients computed in the forward pass, nothing recomputed);
     any other head (an adapter on it, a bias) runs each chunk under non-reentrant checkpointing, its logits
     recomputed in backward. Without gradients (eval) every head runs plain chunks and keeps nothing.
     """

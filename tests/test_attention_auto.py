@@ -10,10 +10,10 @@ import yaml
 from typer.testing import CliRunner
 
 import fitune
-from fitune.attention import Where, choose
 from fitune.cli import EXIT_DOCTOR, app
 from fitune.errors import FituneError
 from fitune.recipe import Recipe
+from fitune.techniques.attention import Where, choose
 
 from .conftest import TINY_LLAMA, tiny_recipe
 

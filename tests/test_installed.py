@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 import fitune
-from fitune.installed import TechniqueLostError
 from fitune.recipe import Recipe
 from fitune.session import build_session
+from fitune.techniques.installed import TechniqueLostError
 
 from .conftest import TINY_LLAMA, save_tiny_model, tiny_recipe
 

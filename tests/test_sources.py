@@ -55,7 +55,7 @@ def _save_folder(folder: Path, seed: int = 0, **overrides):
 
 def _logits(model) -> torch.Tensor:
     """Logits under the attention kernel fitune trains with on a CPU, so weights compare bit for bit."""
-    from fitune import attention
+    from fitune.techniques import attention
 
     attention.install(model)
     with torch.no_grad():

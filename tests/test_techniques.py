@@ -10,10 +10,10 @@ import torch
 import fitune
 from fitune.data.batching import synthetic_batch
 from fitune.errors import FituneError
-from fitune.offload import ActivationOffload
 from fitune.recipe import Recipe
 from fitune.session import build_session
 from fitune.step import micro_batch_loss, train_step
+from fitune.techniques.offload import ActivationOffload
 
 from .conftest import TINY_LLAMA
 
@@ -177,7 +177,7 @@ def test_eager_and_sdpa_attention_give_the_same_loss_and_gradients():
 def test_blocked_causal_attention_equals_exact_attention(heads, kv_heads, t, block):
     import torch.nn.functional as F
 
-    from fitune.attention import _BlockedCausalAttention
+    from fitune.techniques.attention import _BlockedCausalAttention
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (
@@ -208,7 +208,7 @@ def test_gpu_plans_keep_sdpa_and_cpu_plans_trace_the_blocked_attention(monkeypat
 
 
 def test_cpu_sdpa_trains_with_blocked_attention_and_padding_falls_back():
-    from fitune.attention import NAME
+    from fitune.techniques.attention import NAME
 
     s = build_session(_recipe(), with_tokenizer=False)
     assert s.causal_lm.config._attn_implementation == NAME

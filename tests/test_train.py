@@ -135,7 +135,7 @@ def test_adapter_save_load_gives_identical_logits(tmp_path):
     src = sources.resolve(recipe)
     torch.manual_seed(recipe.train.seed)
     fresh = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32)
-    from fitune import attention
+    from fitune.techniques import attention
 
     attention.install(fresh)  # the attention kernel fitune trains with on a CPU: bit-identical logits
     loaded = PeftModel.from_pretrained(fresh, str(result.output_dir / "adapter")).eval()

@@ -98,7 +98,7 @@ def test_phases_the_run_does_not_have_are_named_with_why(tmp_path):
 
 
 def test_out_of_memory_in_eval_is_explained_against_the_eval_phase(tmp_path, monkeypatch):
-    import fitune.trainer.phases as phases
+    import fitune.phases as phases
 
     def eval_runs_out(session, batches):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

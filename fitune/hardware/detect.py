@@ -215,7 +215,7 @@ def _flash_attn_version() -> str | None:
 
 def _bitsandbytes_has_cuda() -> bool:
     """Whether bitsandbytes loaded its CUDA (or ROCm) native library; it falls back to CPU kernels silently."""
-    from fitune.hub_kernels import import_bitsandbytes
+    from fitune.techniques.hub_kernels import import_bitsandbytes
 
     import_bitsandbytes()
     try:

@@ -34,10 +34,10 @@ def measure(recipe) -> Measurement:
     import time
     from pathlib import Path
 
+    from fitune import phases as run_phases
     from fitune.data.batching import synthetic_batch
     from fitune.session import build_session, resolve_device
     from fitune.step import train_step
-    from fitune.trainer import phases as run_phases
     from fitune.trainer.checkpoint import save_checkpoint
 
     device = resolve_device(recipe.hardware.device)

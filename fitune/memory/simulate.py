@@ -449,13 +449,13 @@ def _steady_from_first(parts: dict, points: list) -> list:
 
 def _other_phases(recipe, session, source, absent: dict, notes: list) -> dict:
     """The phases after the steps that this recipe's run has, each a call into the code the training loop
-    runs (``fitune.step.eval_loss``, ``fitune.trainer.phases``, ``fitune.trainer.checkpoint``) up to where it
+    runs (``fitune.step.eval_loss``, ``fitune.phases``, ``fitune.trainer.checkpoint``) up to where it
     would read values; the others are named in ``absent``. They are traced after the steps, when the
     optimizer state exists, so each bounds the same phase earlier in the run (eval and samples before the
     first step) too."""
+    from fitune import phases
     from fitune.data.batching import synthetic_batch
     from fitune.step import eval_loss
-    from fitune.trainer import phases
     from fitune.trainer.checkpoint import checkpoint_state
 
     t = recipe.train
@@ -492,7 +492,7 @@ def _longest_prompt(source, prompts: tuple[str, ...]) -> tuple[int, str]:
     """The longest prompt in tokens with the run's tokenizer when its files are at hand, else a bound; kept
     for the process, as every traced depth of one plan asks the same."""
     from fitune.models.tokenizers import load_tokenizer
-    from fitune.trainer.phases import prompt_lengths
+    from fitune.phases import prompt_lengths
 
     key = (source.tokenizer_source, prompts)
     if key not in _PROMPT_LENGTHS:

@@ -288,7 +288,7 @@ class MemoryTracker(TorchDispatchMode):
         """Allocations made inside are not on the tracked device (e.g. weights staged in host memory before
         they are quantized onto a GPU); tensors from here that stay alive are counted when registered.
 
-        With `host_category` (e.g. "offloaded_activations", see `fitune/offload.py`) they are host memory the
+        With `host_category` (e.g. "offloaded_activations", see `fitune/techniques/offload.py`) they are host memory the
         run keeps: counted apart from the device total, as live bytes under that name, with a peak per
         phase (`host_phase_peaks`); bytes as the tensors hold them, no allocator rounding."""
         self._off_device += 1

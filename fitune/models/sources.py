@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fitune.errors import ModelSourceError
-from fitune.hub_kernels import FROM_PRETRAINED
+from fitune.techniques.hub_kernels import FROM_PRETRAINED
 
 # alias -> (PyPI requirement, file inside the wheel, catalog architecture name)
 ALIASES: dict[str, tuple[str, str]] = {

@@ -263,3 +263,30 @@ def describe(settings: dict[str, Any]) -> str:
         parts.append(f"chunk {s['train.loss_chunk']}")
     parts += [s["train.optimizer"], f"{s['train.batch_size']}x{s['train.grad_accum']}"]
     return ", ".join(parts)
+
+
+@dataclass
+class SearchResult:
+    base: Any  # Recipe
+    target: Target
+    margin: float
+    usable_bytes: int
+    seq_len: int
+    effective_batch: int
+    ranked: list[Candidate]  # configurations that fit, best first, twins folded
+    candidates: list[Candidate]  # every configuration considered
+    suggestions: list[str]
+    assumptions: list[str]
+    notes: list[str]
+    structures_traced: int
+    fake_runs: int
+    seconds: float
+
+    def recipe_of(self, candidate: Candidate):
+        return self.base.updated(candidate.settings)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in self.candidates:
+            out[c.status] = out.get(c.status, 0) + 1
+        return out

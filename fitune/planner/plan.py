@@ -206,9 +206,9 @@ def _read_until(fd: int, deadline: float) -> bytes | None:
 
 def plan(recipe, *, full_trace: bool = False) -> Plan:
     """Predict the memory of ``recipe`` on its target (``hardware.device``) without loading a weight."""
-    from fitune.attention import plan_line
     from fitune.memory.devices import device_model
     from fitune.models import sources
+    from fitune.techniques.attention import plan_line
 
     _import_method_libraries(recipe)
     start = time.perf_counter()

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
 
 from fitune.errors import FituneError
 from fitune.planner import anchors as anc
@@ -33,6 +32,7 @@ from fitune.planner.candidates import (
     CHANGE_PENALTY,
     METHODS,
     Candidate,
+    SearchResult,
     Target,
     build_candidates,
     weights_floor,
@@ -42,33 +42,6 @@ DEFAULT_MARGIN = 0.10
 DEFAULT_TOP = 10
 SETTLED = 3  # stop tracing once this many distinct configurations that fit beat every structure left
 _GIB = 2**30
-
-
-@dataclass
-class SearchResult:
-    base: Any  # Recipe
-    target: Target
-    margin: float
-    usable_bytes: int
-    seq_len: int
-    effective_batch: int
-    ranked: list[Candidate]  # configurations that fit, best first, twins folded
-    candidates: list[Candidate]  # every configuration considered
-    suggestions: list[str]
-    assumptions: list[str]
-    notes: list[str]
-    structures_traced: int
-    fake_runs: int
-    seconds: float
-
-    def recipe_of(self, candidate: Candidate):
-        return self.base.updated(candidate.settings)
-
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for c in self.candidates:
-            out[c.status] = out.get(c.status, 0) + 1
-        return out
 
 
 def search(

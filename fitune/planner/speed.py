@@ -9,7 +9,7 @@ fit. Per micro-batch of ``n = batch_size * seq_len`` tokens:
   trains (all of ``P`` for a full fine-tune, ``P_lora`` for adapters). Gradient checkpointing recomputes the
   decoder layers' forward once more. The chunked loss costs nothing extra: with the plain linear head the
   search plans (adapters never target it), its gradients are computed in the forward pass
-  (``fitune.lean.linear_cross_entropy``).
+  (``fitune.techniques.lean.linear_cross_entropy``).
 - attention FLOPs: ``QK^T`` and ``AV`` cost ``4 * T * head_dim`` per token, head and layer, halved by the
   causal mask; the fused kernels' backward costs 2.5x their forward (5 matmuls against 2, Dao 2023,
   FlashAttention-2, section 3.1); recomputation adds one forward.

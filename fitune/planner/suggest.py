@@ -17,8 +17,7 @@ from fitune.errors import FituneError
 from fitune.planner.candidates import describe, weights_floor
 
 if TYPE_CHECKING:
-    from fitune.planner.candidates import Candidate
-    from fitune.planner.search import SearchResult
+    from fitune.planner.candidates import Candidate, SearchResult
 
 _GIB = 2**30
 MIN_SEQ_LEN = 64

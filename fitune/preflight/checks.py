@@ -12,10 +12,10 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from fitune.preflight.context import DoctorContext
 from fitune.preflight.rules import RULES, Facts, Rule, gh, on_cuda, real
 
 if TYPE_CHECKING:
-    from fitune.hardware.detect import Environment
     from fitune.recipe import Recipe
 
 SEVERITY_ORDER = {"error": 0, "warning": 1, "note": 2}
@@ -32,16 +32,6 @@ class Finding:
 
     def __str__(self) -> str:
         return f"{self.severity} [{self.rule_id}]: {self.message}; fix: {self.fix_text}"
-
-
-@dataclass
-class DoctorContext:
-    recipe: Recipe
-    env: Environment | None  # None checks the recipe alone
-    model_config: dict | None = None  # config.json of the model; the recipe's inline config when None
-    planned_peak_bytes: int | None = None  # from `fitune plan`; memory rules are skipped without it
-    margin: float = 0.10  # share of free memory kept back for what the plan cannot see
-    data_examples: int | None = None  # usable examples, when the data check read the dataset
 
 
 # --- memory rules ---------------------------------------------------------------------------------------------

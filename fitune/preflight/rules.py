@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from fitune.preflight.checks import DoctorContext
+    from fitune.preflight.context import DoctorContext
 
 Severity = Literal["error", "warning"]
 Changes = dict[str, Any]
@@ -233,14 +233,14 @@ def narrowest(ctx: DoctorContext) -> int | None:
 
 def softcap(ctx: DoctorContext) -> float | None:
     """Attention-logit soft-capping of the model (Gemma 2 defaults to 50; Gemma 3 has none)."""
-    from fitune.attention import softcap as of_config
+    from fitune.techniques.attention import softcap as of_config
 
     return of_config(config(ctx))
 
 
 def sdpa_missing(ctx: DoctorContext) -> bool:
     """train.attention asks for SDPA, and transformers has no SDPA path for the architecture."""
-    from fitune.attention import has_sdpa
+    from fitune.techniques.attention import has_sdpa
 
     return ctx.recipe.train.attention == "sdpa" and bool(model_type(ctx)) and has_sdpa(config(ctx)) is False
 

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fitune.recipe import Recipe
-    from fitune.trainer.run import TrainResult
 
 EVENTS = ("run_started", "samples_done", "eval_done", "step_done", "checkpoint_written", "run_ended")
 
@@ -91,6 +90,20 @@ class StepDone:
 class CheckpointWritten:
     step: int
     path: Path
+
+
+@dataclass
+class TrainResult:
+    """What ``fitune.train`` returns: the run's figures and where it saved them."""
+
+    losses: list[float]
+    eval_losses: dict[int, float]  # step -> eval loss (step 0 = before training)
+    tokens_per_second: float
+    output_dir: Path
+    steps: int
+    samples_before: list[str] = field(default_factory=list)
+    samples_after: list[str] = field(default_factory=list)
+    truncated_examples: int = 0
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,7 @@ class LogLines(Listener):
         self.throughput = _Throughput()
 
     def run_started(self, event: RunStarted) -> None:
-        from fitune import __version__
+        from fitune.version import __version__
 
         self.log_every = event.recipe.train.log_every
         self.echo(

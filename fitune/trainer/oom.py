@@ -8,6 +8,7 @@ ladder of cheaper configurations to suggest the first that fits.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -167,3 +168,16 @@ def device_budget(device: torch.device) -> int | None:
     from fitune.hardware.detect import host_memory
 
     return host_memory()[1]
+
+
+@contextlib.contextmanager
+def oom_guard(session, phase: str, step: int = 0):
+    """Turn an out-of-memory error inside ``phase`` into the guard's explanation against the plan."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        if session.optimizer is not None:
+            session.optimizer.zero_grad(set_to_none=True)
+        raise explain(session, exc, phase, step, device_budget(session.device)) from exc

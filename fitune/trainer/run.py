@@ -2,7 +2,7 @@
 sample, step, evaluate and sample again, save, finish with a status.
 
 Every optimizer step goes through ``fitune.step.train_step``, the same function planning simulates; eval,
-samples, checkpoints and the final save go through ``fitune.trainer.phases``, which the planner traces too.
+samples, checkpoints and the final save go through ``fitune.phases``, which the planner traces too.
 What records or shows the run listens to its events (``fitune/trainer/events.py``).
 """
 
@@ -12,16 +12,15 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from fitune import __version__
 from fitune.data.batching import MicroBatches, batches_per_epoch
 from fitune.data.dataset import TokenizedData, data_files, load_dataset
 from fitune.data.scan import byte_progress, length_advice
 from fitune.errors import FituneError, RunInterrupted
+from fitune.phases import eval_batches, evaluate, generate, save_result
 from fitune.recipe import Recipe
 from fitune.session import Session, build_session
 from fitune.step import train_step
@@ -34,27 +33,16 @@ from fitune.trainer.events import (
     RunStarted,
     SamplesDone,
     StepDone,
+    TrainResult,
     tokens_per_second,
 )
 from fitune.trainer.listeners import LogLines, MetricsFile, ProgressBar
-from fitune.trainer.oom import OutOfMemory, is_out_of_memory
-from fitune.trainer.phases import eval_batches, evaluate, generate, oom_guard, save_result
+from fitune.trainer.oom import OutOfMemory, is_out_of_memory, oom_guard
 from fitune.trainer.runfolder import RunMarker, prepare_run_folder, write_atomic
 from fitune.trainer.signals import Signals
+from fitune.version import __version__
 
 PLAN = "plan.json"
-
-
-@dataclass
-class TrainResult:
-    losses: list[float]
-    eval_losses: dict[int, float]  # step -> eval loss (step 0 = before training)
-    tokens_per_second: float
-    output_dir: Path
-    steps: int
-    samples_before: list[str] = field(default_factory=list)
-    samples_after: list[str] = field(default_factory=list)
-    truncated_examples: int = 0
 
 
 def memory_in_use(device: torch.device) -> int:
@@ -130,10 +118,10 @@ def train(
         except RunInterrupted as exc:
             exc.phase = exc.phase or marker.phase
             end("interrupted", exc.phase, signal=exc.signal_name)
-            raise exc.described(out) from None
+            raise _described(exc, out) from None
         except KeyboardInterrupt:  # raised by code other than fitune's handler (a notebook, a debugger)
             end("interrupted", marker.phase, signal="SIGINT")
-            raise RunInterrupted("SIGINT", marker.phase).described(out) from None
+            raise _described(RunInterrupted("SIGINT", marker.phase), out) from None
         except BaseException as exc:
             oom = is_out_of_memory(exc) or is_out_of_memory(exc.__cause__)
             end("out_of_memory" if oom else "failed", marker.phase, exc)
@@ -150,6 +138,22 @@ def train(
         result=result,
     )
     return result
+
+
+def _described(exc: RunInterrupted, out: Path) -> RunInterrupted:
+    """The same interruption with a message saying what is on disk and how to go on."""
+    found = find_checkpoint(out)
+    where = f"after step {exc.step}" if exc.step is not None else f"during {exc.phase or 'start-up'}"
+    if found is not None:
+        then = (
+            f"the checkpoint of step {found[1]} is in {found[0]}; continue with the same command and "
+            "--resume, or start again with --overwrite"
+        )
+    else:
+        then = "no checkpoint was written, so running the same command again starts the run afresh"
+    return RunInterrupted(
+        exc.signal_name, exc.phase, exc.step, f"interrupted by {exc.signal_name} {where}: {then}"
+    )
 
 
 def _message(exc: BaseException) -> str:
@@ -199,7 +203,8 @@ def _run(
         samples_after=samples_after,
         truncated_examples=data.truncated,
     )
-    return result, save_result(session, out)
+    with oom_guard(session, "save"):
+        return result, save_result(session, out)
 
 
 def _model_and_data(recipe, marker, show_progress: bool):
@@ -283,7 +288,8 @@ def _samples(session, listeners, marker, when: str) -> list[str]:
     if not prompts:
         return []
     marker.phase = "samples"
-    answers = generate(session, prompts, session.recipe.samples.max_new_tokens)
+    with oom_guard(session, "samples"):
+        answers = generate(session, prompts, session.recipe.samples.max_new_tokens)
     listeners.send("samples_done", SamplesDone(when, list(prompts), answers))
     return answers
 
@@ -292,7 +298,8 @@ def _eval(session, data, listeners, marker, step: int, when: str, losses: dict[i
     """Eval loss over the eval split in micro-batches of ``train.batch_size``; None without an eval split."""
     marker.phase = "eval"
     pad_id = session.tokenizer.pad_token_id
-    loss = evaluate(session, eval_batches(data.eval, session.recipe.train.batch_size, pad_id), step)
+    with oom_guard(session, "eval", step):
+        loss = evaluate(session, eval_batches(data.eval, session.recipe.train.batch_size, pad_id))
     if loss is not None:
         losses[step] = loss
         listeners.send("eval_done", EvalDone(step, loss, when))

@@ -26,9 +26,9 @@ import shutil
 import socket
 from pathlib import Path
 
-from fitune import __version__
 from fitune.errors import RunFolderError
 from fitune.trainer.checkpoint import find_checkpoint
+from fitune.version import __version__
 
 RUN_MARKER = "fitune-run.json"
 

@@ -1,12 +1,12 @@
 """What a run does on the device besides its steps: eval, samples, checkpoint, final save.
 
-The training loop calls these, and the planner (``fitune.memory.simulate``) traces the same code on fake
-tensors, so every phase of a run has a planned peak. Each call names its phase to the out-of-memory guard.
+The run (``fitune/trainer/run.py``) calls these, each inside the out-of-memory guard of its phase, and the
+planner (``fitune.memory.simulate``) traces the same code on fake tensors, so every phase of a run has a
+planned peak. They sit below both, beside the one train step.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,32 +20,16 @@ from fitune.step import eval_loss
 TEMPLATE_TOKENS_BOUND = 64
 
 
-@contextlib.contextmanager
-def oom_guard(session, phase: str, step: int = 0):
-    """Turn an out-of-memory error inside ``phase`` into the guard's explanation against the plan."""
-    from fitune.trainer.oom import device_budget, explain, is_out_of_memory
-
-    try:
-        yield
-    except RuntimeError as exc:
-        if not is_out_of_memory(exc):
-            raise
-        if session.optimizer is not None:
-            session.optimizer.zero_grad(set_to_none=True)
-        raise explain(session, exc, phase, step, device_budget(session.device)) from exc
-
-
 def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> Iterator[Batch]:
     """The eval split in micro-batches of ``batch_size``, each collated only when its pass comes."""
     for i in range(0, len(examples), batch_size):
         yield collate(examples[i : i + batch_size], pad_id)
 
 
-def evaluate(session, batches, step: int = 0) -> float | None:
+def evaluate(session, batches) -> float | None:
     """The eval pass: mean token loss over ``batches`` (host batches, each moved for its own pass); None when
     there are none."""
-    with oom_guard(session, "eval", step):
-        loss = eval_loss(session, batches)
+    loss = eval_loss(session, batches)
     return None if loss is None else float(loss)
 
 
@@ -76,7 +60,7 @@ def generate(session, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy answers to ``prompts`` (KV cache on), one prompt at a time."""
     tok = session.tokenizer
     answers = []
-    with session.evaluating(), oom_guard(session, "samples"):
+    with session.evaluating():
         for prompt in prompts:
             ids = prompt_ids(tok, prompt).to(session.device)
             with session.autocast():
@@ -124,13 +108,12 @@ def saved_state(session) -> dict[str, torch.Tensor]:
 def save_result(session, out: Path) -> Path:
     """The final save: the adapter (peft ``save_pretrained``) or, for a full fine-tune, the whole model."""
     recipe = session.recipe
-    with oom_guard(session, "save"):
-        if recipe.method.kind == "full":
-            target = out / "model"
-            session.causal_lm.save_pretrained(str(target), safe_serialization=True)
-        else:
-            target = out / "adapter"
-            session.model.save_pretrained(str(target), safe_serialization=True)
+    if recipe.method.kind == "full":
+        target = out / "model"
+        session.causal_lm.save_pretrained(str(target), safe_serialization=True)
+    else:
+        target = out / "adapter"
+        session.model.save_pretrained(str(target), safe_serialization=True)
     if session.tokenizer is not None:
         session.tokenizer.save_pretrained(str(target))
     return target

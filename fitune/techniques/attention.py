@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fitune.installed import Installed
+from fitune.techniques.installed import Installed
 
 NAME = "fitune_blocked_causal"
 BLOCK = 128  # queries per block: scores of one block are B*H*C*T fp32

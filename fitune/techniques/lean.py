@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fitune.installed import Installed, is_bound
+from fitune.techniques.installed import Installed, is_bound
 
 IGNORE = -100  # the data pipeline's ignored target (fitune.data.dataset.IGNORE)
 
