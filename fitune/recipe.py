@@ -292,6 +292,9 @@ class Recipe(_Strict):
             raise RecipeError([f"{where}: malformed YAML: {problem}"], str(path)) from None
         if data is None:
             raise RecipeError([f"{path} is empty; fix: add at least a `model:` section"], str(path))
+        repeated = _repeated_keys(text, path)
+        if repeated:
+            raise RecipeError(repeated, str(path))
         recipe = cls.from_dict(data, source=str(path), lines=lines)
         recipe._base_dir = path.resolve().parent
         return recipe
@@ -396,6 +399,36 @@ def _format_errors(exc: ValidationError, lines: dict, source: str | None) -> lis
             msg = f"{dotted}: {value!r} is invalid ({err['msg']}); fix: give a value of the right type"
         out.setdefault(dotted, where + msg)
     return list(out.values())
+
+
+def _repeated_keys(text: str, path: Path) -> list[str]:
+    """A key given twice in one mapping: YAML loaders keep the later value and drop the earlier without a
+    word, so a recipe edited in two places trains with whichever came last. Each repeat is named by line.
+    (Keys a ``<<`` merge brings in are meant to be overridden and are not counted.)"""
+    problems: list[str] = []
+
+    def walk(node: Any, where: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = str(key_node.value), key_node.start_mark.line + 1
+                dotted = ".".join((*where, key))
+                if key in first:
+                    problems.append(
+                        f"{path}:{line}: {dotted} is given twice (first at line {first[key]}); YAML would keep "
+                        f"this later value and silently drop the first; fix: keep one `{key}:` in that section"
+                    )
+                else:
+                    first[key] = line
+                walk(value_node, (*where, key))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*where, str(i)))
+
+    walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
+    return problems
 
 
 def _line_numbers(text: str) -> dict[tuple[str, ...], int]:

@@ -59,6 +59,40 @@ def test_malformed_yaml_names_the_line(tmp_path):
         Recipe.from_yaml(bad)
 
 
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    bad = tmp_path / "twice.yaml"
+    bad.write_text(
+        "model:\n  source: smollm2-135m-instruct\ntrain:\n  lr: 1.0e-4\n  seq_len: 256\n  lr: 1.0e-2\n"
+        "model:\n  dtype: fp32\n"
+    )
+    with pytest.raises(RecipeError) as info:
+        Recipe.from_yaml(bad)
+    assert info.value.problems == [
+        f"{bad}:6: train.lr is given twice (first at line 4); YAML would keep this later value and silently "
+        "drop the first; fix: keep one `lr:` in that section",
+        f"{bad}:7: model is given twice (first at line 1); YAML would keep this later value and silently "
+        "drop the first; fix: keep one `model:` in that section",
+    ]
+    result = CliRunner().invoke(app, ["validate", str(bad)])
+    assert result.exit_code == EXIT_INVALID_RECIPE and "train.lr is given twice" in result.output
+
+
+def test_keys_a_merge_brings_in_may_be_overridden(tmp_path):
+    ok = tmp_path / "merge.yaml"
+    ok.write_text(
+        "base: &base {seq_len: 256, lr: 1.0e-4}\n"
+        "model:\n  source: smollm2-135m-instruct\ntrain:\n  <<: *base\n  lr: 1.0e-2\n"
+    )
+    with pytest.raises(RecipeError) as info:  # the anchor's own top-level key is unknown, nothing else
+        Recipe.from_yaml(ok)
+    assert len(info.value.problems) == 1 and "base: unknown key" in info.value.problems[0]
+    ok.write_text(
+        "model:\n  source: smollm2-135m-instruct\ntrain:\n  <<: {seq_len: 256, lr: 1.0e-4}\n  lr: 1.0e-2\n"
+    )
+    r = Recipe.from_yaml(ok)
+    assert (r.train.lr, r.train.seq_len) == (1.0e-2, 256)
+
+
 def test_model_needs_exactly_one_of_source_and_config():
     with pytest.raises(RecipeError, match="model needs `source`"):
         Recipe.from_dict({"model": {"dtype": "bf16"}})
