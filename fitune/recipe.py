@@ -284,7 +284,7 @@ class Recipe(_Strict):
         text = path.read_text(encoding="utf-8")
         try:
             data = yaml.safe_load(text)
-            lines = _line_numbers(text)
+            lines, repeated = _line_numbers(text, path)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -292,7 +292,6 @@ class Recipe(_Strict):
             raise RecipeError([f"{where}: malformed YAML: {problem}"], str(path)) from None
         if data is None:
             raise RecipeError([f"{path} is empty; fix: add at least a `model:` section"], str(path))
-        repeated = _repeated_keys(text, path)
         if repeated:
             raise RecipeError(repeated, str(path))
         recipe = cls.from_dict(data, source=str(path), lines=lines)
@@ -401,53 +400,34 @@ def _format_errors(exc: ValidationError, lines: dict, source: str | None) -> lis
     return list(out.values())
 
 
-def _repeated_keys(text: str, path: Path) -> list[str]:
-    """A key given twice in one mapping: YAML loaders keep the later value and drop the earlier without a
-    word, so a recipe edited in two places trains with whichever came last. Each repeat is named by line.
-    (Keys a ``<<`` merge brings in are meant to be overridden and are not counted.)"""
-    problems: list[str] = []
+def _line_numbers(text: str, path: Path) -> tuple[dict[tuple[str, ...], int], list[str]]:
+    """Each key path of a YAML document -> its 1-based line number, and every key given twice in one mapping:
+    YAML loaders keep the later value and drop the earlier without a word, so a recipe edited in two places
+    would train with whichever came last. Keys a ``<<`` merge brings in are meant to be overridden and are not
+    counted."""
+    lines: dict[tuple[str, ...], int] = {}
+    repeated: list[str] = []
 
     def walk(node: Any, where: tuple[str, ...]) -> None:
         if isinstance(node, yaml.MappingNode):
             first: dict[str, int] = {}
             for key_node, value_node in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
                 key, line = str(key_node.value), key_node.start_mark.line + 1
-                dotted = ".".join((*where, key))
-                if key in first:
-                    problems.append(
-                        f"{path}:{line}: {dotted} is given twice (first at line {first[key]}); YAML would keep "
-                        f"this later value and silently drop the first; fix: keep one `{key}:` in that section"
-                    )
-                else:
-                    first[key] = line
+                if key_node.tag != "tag:yaml.org,2002:merge":
+                    if key in first:
+                        repeated.append(
+                            f"{path}:{line}: {'.'.join((*where, key))} is given twice (first at line "
+                            f"{first[key]}); YAML would keep this later value and silently drop the first; "
+                            f"fix: keep one `{key}:` in that section"
+                        )
+                    else:
+                        first[key] = line
+                lines[(*where, key)] = line
                 walk(value_node, (*where, key))
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
+                lines[(*where, str(i))] = item.start_mark.line + 1
                 walk(item, (*where, str(i)))
 
     walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
-    return problems
-
-
-def _line_numbers(text: str) -> dict[tuple[str, ...], int]:
-    """Map each key path in a YAML document to its 1-based line number."""
-    lines: dict[tuple[str, ...], int] = {}
-
-    def walk(node: Any, path: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = (*path, str(key_node.value))
-                lines[key] = key_node.start_mark.line + 1
-                walk(value_node, key)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                lines[(*path, str(i))] = item.start_mark.line + 1
-                walk(item, (*path, str(i)))
-
-    try:
-        walk(yaml.compose(text), ())
-    except yaml.YAMLError:
-        pass
-    return lines
+    return lines, repeated

@@ -58,9 +58,9 @@ def token_loss_sum(session, hidden_BTD: torch.Tensor, targets_BT: torch.Tensor) 
 
     With ``session.loss_chunk`` > 0 the tokens go through the output head in chunks of that many, so at most
     one chunk's logits exist at a time instead of all B*T*V of them. A plain linear head takes the fused
-    loss (``fitune.techniques.lean.linear_cross_entropy``: gradients computed in the forward pass, nothing recomputed);
-    any other head (an adapter on it, a bias) runs each chunk under non-reentrant checkpointing, its logits
-    recomputed in backward. Without gradients (eval) every head runs plain chunks and keeps nothing.
+    loss (``fitune.techniques.lean.linear_cross_entropy``: gradients computed in the forward pass, nothing
+    recomputed); any other head (an adapter on it, a bias) runs each chunk under non-reentrant
+    checkpointing, its logits recomputed in backward. Without gradients (eval) every head runs plain chunks and keeps nothing.
     """
     lm = session.causal_lm
     head = lm.get_output_embeddings()

@@ -76,6 +76,7 @@ class StepDone:
     tokens: int  # non-padding tokens of the step's micro-batches
     seconds: float  # wall time of the step
     memory_bytes: int  # CUDA: the allocator's peak so far; CPU: the process's resident memory
+    average_tokens_per_second: float  # over this process's steps so far (a resumed run: since it resumed)
     grad_norm: float | None = None  # total gradient norm before clipping
     allocated_bytes: int | None = None  # CUDA: allocated after the step (None on CPU)
     reserved_bytes: int | None = None  # CUDA: reserved by the caching allocator after the step

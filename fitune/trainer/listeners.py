@@ -13,7 +13,6 @@ from fitune.trainer.events import (
     RunStarted,
     StepDone,
     perplexity,
-    tokens_per_second,
 )
 from fitune.trainer.runfolder import write_atomic
 
@@ -56,8 +55,13 @@ class MetricsFile(Listener):
         _append(self.steps, row)
 
     def eval_done(self, event: EvalDone) -> None:
-        row = {"step": event.step, "when": event.when, "loss": event.loss}
-        _append(self.evals, dict(row, perplexity=_rounded(event.perplexity)))
+        row = {
+            "step": event.step,
+            "when": event.when,
+            "loss": event.loss,
+            "perplexity": _rounded(event.perplexity),
+        }
+        _append(self.evals, row)
 
     def run_ended(self, event: RunEnded) -> None:
         for file in (self.steps, self.evals):
@@ -89,19 +93,6 @@ def _keep_rows_up_to(path: Path, last_step: int) -> None:
     write_atomic(path, "".join(kept))
 
 
-class _Throughput:
-    """Tokens/s over this process's steps so far (a resumed run counts from its own first step)."""
-
-    def __init__(self):
-        self.tokens = 0
-        self.seconds = 0.0
-
-    def add(self, event: StepDone) -> float:
-        self.tokens += event.tokens
-        self.seconds += event.seconds
-        return tokens_per_second(self.tokens, self.seconds)
-
-
 class LogLines(Listener):
     """What a run says in words: its start, evals before and after, and, without a progress bar, a line
     every ``train.log_every`` steps."""
@@ -110,7 +101,6 @@ class LogLines(Listener):
         self.echo = echo
         self.with_steps = with_steps
         self.log_every = 1
-        self.throughput = _Throughput()
 
     def run_started(self, event: RunStarted) -> None:
         from fitune.version import __version__
@@ -132,8 +122,8 @@ class LogLines(Listener):
             self.echo(f"  eval loss {event.when} training: {event.loss:.4f}")
 
     def step_done(self, event: StepDone) -> None:
-        rate = self.throughput.add(event)
         if self.with_steps and event.step % self.log_every == 0:
+            rate = event.average_tokens_per_second
             self.echo(f"  step {event.step}/{event.total_steps} loss {event.loss:.4f} {rate:,.0f} tok/s")
 
 
@@ -146,7 +136,6 @@ class ProgressBar(Listener):
         self.enabled = enabled and Console().is_terminal  # logs and pipes get plain lines instead
         self.bar = None
         self.task = None
-        self.throughput = _Throughput()
 
     def run_started(self, event: RunStarted) -> None:
         if not self.enabled:
@@ -166,7 +155,7 @@ class ProgressBar(Listener):
     def step_done(self, event: StepDone) -> None:
         if self.bar is None:
             return
-        rate = self.throughput.add(event)
+        rate = event.average_tokens_per_second
         self.bar.update(
             self.task,
             advance=1,

@@ -174,9 +174,7 @@ def _run(
     session = _build(recipe, steps, source, tokenizer)
     first_step, restore_rng = load_checkpoint(session, out) if resume else (0, lambda: None)
     first_step += 1
-    started = _started(recipe, out, steps, first_step, source, session, data, planned)
-    if why is not None:
-        started.notes.append(f"no plan.json: {why}")
+    started = _started(recipe, out, steps, first_step, source, session, data, planned, why)
     listeners.send("run_started", started)
 
     samples_before = _samples(session, listeners, marker, "before")
@@ -261,13 +259,17 @@ def _build(recipe, steps: int, source, tokenizer) -> Session:
     return session
 
 
-def _started(recipe, out, steps, first_step, source, session, data: TokenizedData, plan) -> RunStarted:
+def _started(
+    recipe, out, steps, first_step, source, session, data: TokenizedData, plan, no_plan
+) -> RunStarted:
     notes = list(session.notes)
     advice = length_advice(data.lengths) if data.lengths is not None else None
     if advice is not None:
         _, message, fix = advice
         notes.append(message + ("" if fix == "none needed" else f"; fix: {fix}"))
     notes += [f"skipped {line}" for line in data.skipped_lines]
+    if no_plan is not None:
+        notes.append(f"no plan.json: {no_plan}")
     return RunStarted(
         recipe=recipe,
         out=out,
@@ -306,9 +308,8 @@ def _eval(session, data, listeners, marker, step: int, when: str, losses: dict[i
     return loss
 
 
-def _figures(session, step, steps, loss, lr, tokens, seconds) -> StepDone:
+def _figures(session, step, steps, loss, lr, tokens, seconds, average) -> StepDone:
     """A step's figures, read after it: gradient norm, memory (allocated and reserved on CUDA)."""
-    norm = session.grad_norm
     cuda = session.device.type == "cuda"
     return StepDone(
         step=step,
@@ -318,7 +319,8 @@ def _figures(session, step, steps, loss, lr, tokens, seconds) -> StepDone:
         tokens=tokens,
         seconds=seconds,
         memory_bytes=memory_in_use(session.device),
-        grad_norm=float(norm) if norm is not None else None,
+        average_tokens_per_second=average,
+        grad_norm=float(session.grad_norm),
         allocated_bytes=torch.cuda.memory_allocated(session.device) if cuda else None,
         reserved_bytes=torch.cuda.memory_reserved(session.device) if cuda else None,
     )
@@ -353,7 +355,7 @@ def _steps(session, data, listeners, marker, signals, first_step, steps, restore
             tokens += n_tok
             seconds += dt
             losses.append(loss)
-            figures = _figures(session, step, steps, loss, lr, n_tok, dt)
+            figures = _figures(session, step, steps, loss, lr, n_tok, dt, tokens_per_second(tokens, seconds))
             if t.eval_every and step % t.eval_every == 0 and step != steps:
                 ev = _eval(session, data, listeners, marker, step, "during", eval_losses)
                 figures = dataclasses.replace(figures, eval_loss=ev)
