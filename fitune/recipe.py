@@ -22,6 +22,7 @@ MethodKind = Literal["full", "lora", "qlora"]
 DataFormat = Literal["messages", "sharegpt", "alpaca", "text"]
 Attention = Literal["auto", "eager", "sdpa", "flash_attention_2"]
 Optimizer = Literal["adamw", "adamw8bit", "paged_adamw8bit", "sgd"]
+Tracker = Literal["tensorboard", "mlflow", "wandb", "trackio"]
 OnBadLine = Literal["error", "skip"]
 
 
@@ -178,6 +179,23 @@ class TrainSpec(_Strict):
     eval_every: int | None = Field(
         None, ge=1, description="Steps between eval losses (default: start and end)."
     )
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        description="Trackers the run's figures go to, each in its local mode: tensorboard, mlflow, wandb, "
+        'trackio (an optional extra each: pip install "fitune[tensorboard]").',
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, value: Any) -> Any:
+        if value is None or value == "none":
+            return []
+        value = [value] if isinstance(value, str) else value
+        if isinstance(value, list):
+            seen = [v for i, v in enumerate(value) if v in value[:i]]
+            if seen:
+                raise ValueError(f"{seen[0]!r} is listed twice; fix: list each tracker once")
+        return value
 
     @field_validator("loss_chunk")
     @classmethod

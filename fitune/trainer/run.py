@@ -40,6 +40,7 @@ from fitune.trainer.listeners import LogLines, MetricsFile, ProgressBar
 from fitune.trainer.oom import OutOfMemory, is_out_of_memory, oom_guard
 from fitune.trainer.runfolder import RunMarker, prepare_run_folder, write_atomic
 from fitune.trainer.signals import Signals
+from fitune.trainer.trackers import trackers_for, where
 from fitune.version import __version__
 
 PLAN = "plan.json"
@@ -87,9 +88,10 @@ def train(
         raise FituneError(
             "data: the recipe has no data section; fix: add data.path (a JSONL file) or data.hub (a Hub dataset) to train"
         )
+    trackers = trackers_for(recipe.train.report_to)  # a missing library refused before anything is written
     bar = ProgressBar(progress)
     listeners = Listeners(
-        [MetricsFile(), bar, LogLines(echo, with_steps=not bar.enabled), *(callbacks or [])], echo
+        [MetricsFile(), bar, LogLines(echo, with_steps=not bar.enabled), *trackers, *(callbacks or [])], echo
     )
     out = prepare_run_folder(recipe, overwrite, resume)
     marker = RunMarker(out, resumed=resume)
@@ -270,6 +272,7 @@ def _started(
     notes += [f"skipped {line}" for line in data.skipped_lines]
     if no_plan is not None:
         notes.append(f"no plan.json: {no_plan}")
+    notes += [where(name, out) for name in recipe.train.report_to]
     return RunStarted(
         recipe=recipe,
         out=out,
