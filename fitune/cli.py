@@ -380,6 +380,32 @@ def _plan_search(r, gpu, budget, margin, top, methods, as_json, write, report, s
 
 
 @app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A run folder (the recipe's output.dir)."),
+    no_png: bool = typer.Option(False, "--no-png", help="Only the HTML page, no PNG charts."),
+) -> None:
+    """Write the run's report: report.html (self-contained, opens offline), report/*.png, and the plan as a
+    PyTorch memory snapshot."""
+    try:
+        from fitune.report import make_report
+
+        files = make_report(run_dir, pngs=not no_png)
+    except FituneError as exc:
+        _fail(exc)
+    console.print(f"report: {files.page.resolve().as_uri()}", markup=False, highlight=False, soft_wrap=True)
+    if files.pngs:
+        names = ", ".join(p.name for p in files.pngs)
+        console.print(f"charts: {files.pngs[0].parent}/ ({names})", markup=False, soft_wrap=True)
+    if files.snapshot is not None:
+        console.print(
+            f"plan snapshot: {files.snapshot} (open it on pytorch.org/memory_viz)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@app.command()
 def models() -> None:
     """List the architecture catalog: short name, Hugging Face id, parameters."""
     from rich.table import Table

@@ -11,6 +11,7 @@ from fitune.trainer.events import (
     Listener,
     RunEnded,
     RunStarted,
+    SamplesDone,
     StepDone,
     perplexity,
 )
@@ -18,22 +19,31 @@ from fitune.trainer.runfolder import write_atomic
 
 METRICS = "metrics.jsonl"  # one row a step
 EVALS = "evals.jsonl"  # one row an eval pass: before training, every train.eval_every steps, after
+SAMPLES = "samples.jsonl"  # one row a prompt's answer, before and after training
 
 
 class MetricsFile(Listener):
-    """``metrics.jsonl`` (a row a step) and ``evals.jsonl`` (a row an eval pass), flushed as written, so a
+    """``metrics.jsonl`` (a row a step), ``evals.jsonl`` (a row an eval pass) and ``samples.jsonl`` (a row a
+    prompt's answer, before and after training), flushed as written, so a
     crash loses at most the step it struck in. A resumed run first drops the rows written after its
     checkpoint, then writes them again."""
 
     def __init__(self):
-        self.steps = self.evals = None
+        self.steps = self.evals = self.samples = None
+        self.first_step = self.total_steps = 0
 
     def run_started(self, event: RunStarted) -> None:
-        paths = event.out / METRICS, event.out / EVALS
+        paths = event.out / METRICS, event.out / EVALS, event.out / SAMPLES
         if event.resumed:
             for path in paths:
                 _keep_rows_up_to(path, event.first_step - 1)
-        self.steps, self.evals = (open(path, "a", encoding="utf-8") for path in paths)
+        self.steps, self.evals, self.samples = (open(path, "a", encoding="utf-8") for path in paths)
+        self.first_step, self.total_steps = event.first_step, event.total_steps
+
+    def samples_done(self, event: SamplesDone) -> None:
+        step = self.first_step - 1 if event.when == "before" else self.total_steps
+        for prompt, answer in zip(event.prompts, event.answers, strict=True):
+            _append(self.samples, {"step": step, "when": event.when, "prompt": prompt, "answer": answer})
 
     def step_done(self, event: StepDone) -> None:
         row = {
@@ -64,10 +74,10 @@ class MetricsFile(Listener):
         _append(self.evals, row)
 
     def run_ended(self, event: RunEnded) -> None:
-        for file in (self.steps, self.evals):
+        for file in (self.steps, self.evals, self.samples):
             if file is not None:
                 file.close()
-        self.steps = self.evals = None
+        self.steps = self.evals = self.samples = None
 
 
 def _rounded(x: float | None) -> float | None:

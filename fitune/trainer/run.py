@@ -170,6 +170,7 @@ def _run(
     torch.manual_seed(recipe.train.seed)
     source, tokenizer, data = _model_and_data(recipe, marker, progress)
     steps = max_steps or total_steps(recipe, len(data.train))
+    marker.base["total_steps"] = steps  # for a view of the run while it trains
     marker.phase = "plan"
     planned, why = _plan_file(recipe, out, plan)
     marker.phase = "load"

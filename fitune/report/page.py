@@ -1,0 +1,261 @@
+"""The run report as one self-contained HTML page: data, uPlot and the drawing code inlined.
+
+The page's Content-Security-Policy forbids every request (``default-src 'none'``), so it opens from
+``file://``, offline, and nothing it holds leaves the machine. After drawing it counts the charts whose
+canvas holds pixels (``data-charts-drawn`` on ``<body>``), which the browser test reads.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from importlib import resources
+
+from fitune.planner.report import CATEGORY_COLORS
+from fitune.report.charts import Chart
+from fitune.report.records import RunRecords
+
+STATUS_WORDS = {
+    "done": ("done", "#2e7d32"),
+    "running": ("training", "#1565c0"),
+    "failed": ("failed", "#c62828"),
+    "out_of_memory": ("out of memory", "#c62828"),
+    "interrupted": ("interrupted", "#ef6c00"),
+}
+
+
+def _vendor(name: str) -> str:
+    return resources.files("fitune.report").joinpath("vendor", name).read_text(encoding="utf-8")
+
+
+def _gib(n: int | float | None) -> str:
+    """Bytes in the unit that reads best: 1.63 MiB, 2.41 GiB."""
+    if n is None:
+        return "—"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= 0.95 * size:  # 0.99 GiB rather than 1013.84 MiB
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _num(x: float | None, digits: int = 4) -> str:
+    return "—" if x is None else f"{x:.{digits}g}"
+
+
+def _script_json(value) -> str:
+    """JSON that cannot end the <script> element it sits in."""
+    return json.dumps(value).replace("</", "<\\/")
+
+
+def headline(rec: RunRecords) -> str:
+    """The run in one sentence."""
+    h = rec.headline()
+    total = h["steps_total"]
+    of = f" of {total}" if total else ""
+    parts = []
+    if h["loss_first"] is not None:
+        parts.append(f"loss {_num(h['loss_first'])} → {_num(h['loss_last'])}")
+    if h["eval_first"] is not None:
+        after = f" → {_num(h['eval_last'])}" if h["eval_last"] is not None else " (before training)"
+        parts.append(f"eval loss {_num(h['eval_first'])}{after}")
+    if h["tokens_per_s"] is not None:
+        parts.append(f"{h['tokens_per_s']:,.0f} tokens/s")
+    if h["memory_peak"] is not None:
+        parts.append(f"peak {h['memory_kind']} memory {_gib(h['memory_peak'])}")
+    if h["plan_peak"] is not None:
+        parts.append(f"plan {_gib(h['plan_peak'])} on {h['plan_device']}")
+    figures = "; ".join(parts)
+    status = h["status"]
+    if status == "done":
+        return f"Trained {h['steps_done']}{of} steps: {figures}."
+    if status == "running":
+        return f"Training, step {h['steps_done']}{of}: {figures}." if parts else "Training: no step yet."
+    word = STATUS_WORDS.get(status, (status, ""))[0]
+    said = f"Ended {word} in phase {h['phase']} after {h['steps_done']}{of} steps"
+    return f"{said}: {figures}." if parts else f"{said}."
+
+
+def _status_box(rec: RunRecords) -> str:
+    h = rec.headline()
+    if h["status"] in ("done", "running"):
+        return ""
+    lines = [f"<b>{html.escape(STATUS_WORDS.get(h['status'], (h['status'],))[0])}</b> in phase "]
+    lines.append(f"<code>{html.escape(str(h['phase']))}</code>")
+    if h["error"]:
+        lines.append(f"<pre>{html.escape(h['error'])}</pre>")
+    if h["checkpoint_step"] is not None:
+        lines.append(
+            f"<p>The checkpoint of step {h['checkpoint_step']} is complete: the same command with "
+            "<code>--resume</code> continues from it.</p>"
+        )
+    else:
+        lines.append("<p>No checkpoint was written: the same command starts the run again.</p>")
+    return f'<section class="problem">{"".join(lines)}</section>'
+
+
+def _cards(rec: RunRecords) -> str:
+    h = rec.headline()
+    total = f" / {h['steps_total']}" if h["steps_total"] else ""
+    cards = [
+        ("steps", f"{h['steps_done']}{total}"),
+        ("train loss", f"{_num(h['loss_first'])} → {_num(h['loss_last'])}"),
+        ("eval loss", f"{_num(h['eval_first'])} → {_num(h['eval_last'])}"),
+        ("tokens/s", "—" if h["tokens_per_s"] is None else f"{h['tokens_per_s']:,.0f}"),
+        (f"peak {h['memory_kind']}", _gib(h["memory_peak"])),
+        ("planned peak", _gib(h["plan_peak"])),
+    ]
+    return "".join(
+        f'<div class="card"><div class="k">{html.escape(k)}</div><div class="v">{html.escape(v)}</div></div>'
+        for k, v in cards
+    )
+
+
+def _plan_section(plan: dict | None) -> str:
+    if plan is None:
+        return "<p>This run folder holds no plan.json.</p>"
+    phases = plan.get("phases", {})
+    breakdowns = plan.get("phase_breakdowns", {})
+    top = max(phases.values(), default=0) or 1
+    rows = []
+    for phase, peak in phases.items():
+        parts = breakdowns.get(phase) or {}
+        bars = "".join(
+            f'<span style="width:{100 * b / top:.2f}%;background:{CATEGORY_COLORS.get(c, "#999")}" '
+            f'title="{html.escape(c)}: {_gib(b)}"></span>'
+            for c, b in parts.items()
+            if b > 0
+        )
+        rows.append(
+            f'<tr><th>{html.escape(phase)}</th><td class="bar">{bars}</td><td class="n">{_gib(peak)}</td></tr>'
+        )
+    used = sorted({c for parts in breakdowns.values() for c, b in parts.items() if b > 0})
+    legend = "".join(
+        f'<span class="sw" style="background:{CATEGORY_COLORS.get(c, "#999")}"></span>{html.escape(c)} '
+        for c in used
+    )
+    at = (
+        f"Peak {_gib(plan['peak_bytes'])} in <code>{html.escape(plan['peak_phase'])}</code> "
+        f"({html.escape(plan.get('peak_stage', ''))}), at <code>{html.escape(plan['peak_op'])}</code> in "
+        f"<code>{html.escape(plan['peak_module'])}</code>."
+    )
+    notes = "".join(
+        f"<li>{html.escape(n)}</li>" for n in [plan.get("attention", ""), *plan.get("notes", [])] if n
+    )
+    absent = "".join(
+        f"<li>{html.escape(p)}: {html.escape(why)}</li>" for p, why in plan.get("absent", {}).items()
+    )
+    return (
+        f'<p>{at}</p><table class="plan">{"".join(rows)}</table><p class="legend">{legend}</p>'
+        f"<ul>{notes}{absent}</ul>"
+    )
+
+
+def _samples_section(rec: RunRecords) -> str:
+    table = rec.samples_table()
+    if not table:
+        return "<p>The recipe has no samples.prompts.</p>"
+    rows = "".join(
+        f"<tr><td>{html.escape(p)}</td><td><pre>{html.escape(b if b is not None else '—')}</pre></td>"
+        f"<td><pre>{html.escape(a if a is not None else '—')}</pre></td></tr>"
+        for p, b, a in table
+    )
+    return f'<table class="samples"><tr><th>prompt</th><th>before</th><th>after</th></tr>{rows}</table>'
+
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:24px auto;max-width:1180px;color:#222;padding:0 16px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+.badge{display:inline-block;color:#fff;border-radius:4px;padding:1px 8px;font-size:13px;vertical-align:middle}
+.lead{font-size:16px;margin:8px 0 16px}
+.cards{display:flex;flex-wrap:wrap;gap:10px}.card{border:1px solid #ddd;border-radius:6px;padding:8px 12px;min-width:140px}
+.card .k{color:#666;font-size:12px}.card .v{font-size:17px;font-weight:600}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(540px,1fr));gap:16px}
+.chart{border:1px solid #eee;border-radius:6px;padding:8px}.chart h3{margin:0 0 4px;font-size:14px}
+.note{color:#666;font-size:12px}
+.problem{border:2px solid #c62828;background:#fff5f5;border-radius:6px;padding:10px 14px}
+pre{white-space:pre-wrap;margin:0;font-size:12.5px}
+table.plan{border-collapse:collapse;width:100%}table.plan th{text-align:left;width:110px;font-weight:500}
+table.plan td.bar{display:flex;height:18px;padding:3px 0}table.plan td.bar span{display:block;height:100%}
+table.plan td.n{width:90px;text-align:right}
+.sw{display:inline-block;width:11px;height:11px;margin:0 4px 0 10px;vertical-align:-1px}
+table.samples{border-collapse:collapse;width:100%}table.samples td,table.samples th{border:1px solid #ddd;padding:6px;vertical-align:top;text-align:left}
+.recipe{background:#f7f7f7;padding:10px;border-radius:6px}
+"""
+
+DRAW = """
+const data = JSON.parse(document.getElementById("report-data").textContent);
+function draw() {
+  for (const c of data.charts) {
+    const el = document.getElementById("chart-" + c.id);
+    const series = [{label: "step"}].concat(c.series.map(s => ({
+      label: s.label, stroke: s.color, width: s.dash ? 1 : 2, dash: s.dash ? [6, 4] : undefined,
+      spanGaps: s.points, points: {show: !s.dash && (s.points || c.x.length < 40), size: 5},
+    })));
+    const tick = v => v == null ? "" : (v !== 0 && Math.abs(v) < 0.01 ? v.toExponential(1) : String(+v.toPrecision(3)));
+    const opts = {
+      width: Math.max(el.clientWidth - 8, 320), height: 240, series,
+      scales: {x: {time: false}},
+      axes: [{label: "step"}, {label: c.unit, size: 60, values: (u, vals) => vals.map(tick)}],
+    };
+    new uPlot(opts, [c.x].concat(c.series.map(s => s.values)), el);
+  }
+}
+function countDrawn() {
+  let n = 0;
+  for (const el of document.querySelectorAll(".chart")) {
+    const cv = el.querySelector("canvas");
+    if (!cv) continue;
+    const px = cv.getContext("2d").getImageData(0, 0, cv.width, cv.height).data;
+    let ink = 0;
+    for (let i = 3; i < px.length; i += 4) if (px[i] !== 0) ink++;
+    if (ink > 200) n++;
+  }
+  document.body.dataset.chartsDrawn = String(n);
+}
+draw();
+requestAnimationFrame(() => setTimeout(countDrawn, 0));
+"""
+
+
+def render(rec: RunRecords, items: list[Chart], png_names: list[str], snapshot_name: str | None) -> str:
+    """The page's HTML text."""
+    name = rec.out.name
+    word, color = STATUS_WORDS.get(rec.status, (rec.status, "#555"))
+    chart_divs = "".join(
+        f'<div class="chart"><h3>{html.escape(c.title)}</h3><div id="chart-{c.id}"></div>'
+        + (f'<div class="note">{html.escape(c.note)}</div>' if c.note else "")
+        + "</div>"
+        for c in items
+    )
+    files = [f"<code>report/{html.escape(n)}</code>" for n in png_names]
+    snap = (
+        f"<p>The plan's steady step as a PyTorch memory snapshot: <code>report/{html.escape(snapshot_name)}</code>; "
+        "drop it on PyTorch's memory viz page (pytorch.org/memory_viz) to see it block by block, each block "
+        "named by its category, op and module.</p>"
+        if snapshot_name
+        else ""
+    )
+    data = {"charts": [c.to_dict() for c in items], "status": rec.status}
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(name)}: {html.escape(word)} · fitune report</title>
+<style>{_vendor("uPlot.min.css")}</style><style>{CSS}</style></head>
+<body data-charts="{len(items)}" data-charts-drawn="0" data-status="{html.escape(rec.status)}">
+<h1>{html.escape(name)} <span class="badge" style="background:{color}">{html.escape(word)}</span></h1>
+<div class="note">{html.escape(str(rec.out))}</div>
+<p class="lead">{html.escape(headline(rec))}</p>
+{_status_box(rec)}
+<div class="cards">{_cards(rec)}</div>
+<h2>Training</h2><div class="grid">{chart_divs or "<p>No step has finished yet.</p>"}</div>
+<h2>Memory plan</h2>{_plan_section(rec.plan)}
+<h2>Samples</h2>{_samples_section(rec)}
+<h2>Recipe</h2><details><summary>recipe.resolved.yaml: every field, defaults included</summary>
+<pre class="recipe">{html.escape(rec.recipe_yaml or "(no recipe.resolved.yaml)")}</pre></details>
+<h2>Files</h2><p>Charts as PNG: {", ".join(files) or "none"}.</p>{snap}
+<script>{_vendor("uPlot.iife.min.js")}</script>
+<script id="report-data" type="application/json">{_script_json(data)}</script>
+<script>{DRAW}</script>
+</body></html>
+"""
