@@ -169,9 +169,9 @@ class TrainSpec(_Strict):
         "else eager) | eager | sdpa | flash_attention_2.",
     )
     loss_chunk: Union[int, Literal["auto"]] = Field(
-        0,
-        description="0 = plain loss; N = fused cross-entropy over N-token chunks (gradients computed in "
-        "the forward pass); auto.",
+        "auto",
+        description="auto = fused cross-entropy in chunks sized for the vocabulary (exact; gradients "
+        "computed in the forward pass); N = chunks of N tokens; 0 = plain loss.",
     )
     optimizer: Optimizer = Field("adamw", description="adamw | adamw8bit | paged_adamw8bit | sgd.")
     seed: int = Field(0, ge=0, description="Seed for weights init, data order, dropout.")

@@ -67,7 +67,7 @@ def test_resume_without_checkpoint_is_refused(tmp_path):
 def test_cheaper_configurations_accumulate():
     from fitune.recipe import Recipe
 
-    r = Recipe.from_dict({"model": {"source": "x"}, "train": {"batch_size": 4}})
+    r = Recipe.from_dict({"model": {"source": "x"}, "train": {"batch_size": 4, "loss_chunk": 0}})
     ladder = list(cheaper_configurations(r))
     assert ladder[0] == {"train.loss_chunk": "auto"}  # free: the fused loss recomputes nothing
     assert ladder[1] == {"train.loss_chunk": "auto", "train.recompute_mlp": True}  # lean is on already
@@ -79,3 +79,6 @@ def test_cheaper_configurations_accumulate():
     )
     assert list(cheaper_configurations(full))[-1]["method.kind"] == "lora"
     assert "train.loss_chunk" not in list(cheaper_configurations(full))[0]
+    default = Recipe.from_dict({"model": {"source": "x"}, "train": {"batch_size": 4}})
+    assert default.train.loss_chunk == "auto"  # the default: the fused loss is on already, not offered
+    assert list(cheaper_configurations(default))[0] == {"train.recompute_mlp": True}
