@@ -60,7 +60,7 @@ def test_the_page_holds_the_runs_figures_samples_and_recipe(done_run):
     planned = {s["label"]: s["values"][0] for s in charts["memory"]["series"] if s["dash"]}
     size = {"GiB": 2**30, "MiB": 2**20}[charts["memory"]["unit"]]  # GiB once the process passes one
     assert planned["plan: steady_step"] == pytest.approx(plan["phases"]["steady_step"] / size)
-    lead = re.search(r'<p class="lead">(.*?)</p>', page).group(1)
+    lead = re.search(r'<p class="lead" id="lead">(.*?)</p>', page).group(1)
     assert lead.startswith("Trained 6 of 6 steps: loss ")
     assert f"{steps[-1]['loss']:.4g}" in lead and f"{evals[-1]['loss']:.4g}" in lead
     samples = _rows(done_run, "samples.jsonl")
@@ -121,7 +121,7 @@ def test_a_run_that_ran_out_of_memory_says_so_with_its_phase_and_checkpoint(tmp_
     with pytest.raises(OutOfMemory):
         fitune.train(recipe, max_steps=4, **QUIET)
     page = make_report(tmp_path / "run", pngs=False).page.read_text()
-    lead = re.search(r'<p class="lead">(.*?)</p>', page).group(1)
+    lead = re.search(r'<p class="lead" id="lead">(.*?)</p>', page).group(1)
     assert lead.startswith("Ended out of memory in phase steady_step after 2 of 4 steps")
     assert 'class="problem"' in page and "CUDA out of memory" in page
     assert "The checkpoint of step 2 is complete" in page

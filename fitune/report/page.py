@@ -183,22 +183,43 @@ table.samples{border-collapse:collapse;width:100%}table.samples td,table.samples
 """
 
 DRAW = """
-const data = JSON.parse(document.getElementById("report-data").textContent);
-function draw() {
+const charts = new Map();  // chart id -> its uPlot
+function tick(v) {
+  if (v == null) return "";
+  return v !== 0 && Math.abs(v) < 0.01 ? v.toExponential(1) : String(+v.toPrecision(3));
+}
+function draw(data) {
+  const grid = document.getElementById("charts");
+  for (const u of charts.values()) u.destroy();
+  charts.clear();
+  grid.textContent = "";
+  if (!data.charts.length) grid.textContent = "No step has finished yet.";
   for (const c of data.charts) {
-    const el = document.getElementById("chart-" + c.id);
+    const box = document.createElement("div");
+    box.className = "chart";
+    const title = document.createElement("h3");
+    title.textContent = c.title;
+    const plot = document.createElement("div");
+    box.append(title, plot);
+    if (c.note) {
+      const note = document.createElement("div");
+      note.className = "note";
+      note.textContent = c.note;
+      box.append(note);
+    }
+    grid.append(box);
     const series = [{label: "step"}].concat(c.series.map(s => ({
       label: s.label, stroke: s.color, width: s.dash ? 1 : 2, dash: s.dash ? [6, 4] : undefined,
       spanGaps: s.points, points: {show: !s.dash && (s.points || c.x.length < 40), size: 5},
     })));
-    const tick = v => v == null ? "" : (v !== 0 && Math.abs(v) < 0.01 ? v.toExponential(1) : String(+v.toPrecision(3)));
     const opts = {
-      width: Math.max(el.clientWidth - 8, 320), height: 240, series,
+      width: Math.max(box.clientWidth - 16, 320), height: 240, series,
       scales: {x: {time: false}},
       axes: [{label: "step"}, {label: c.unit, size: 60, values: (u, vals) => vals.map(tick)}],
     };
-    new uPlot(opts, [c.x].concat(c.series.map(s => s.values)), el);
+    charts.set(c.id, new uPlot(opts, [c.x].concat(c.series.map(s => s.values)), plot));
   }
+  requestAnimationFrame(() => setTimeout(countDrawn, 0));
 }
 function countDrawn() {
   let n = 0;
@@ -210,23 +231,64 @@ function countDrawn() {
     for (let i = 3; i < px.length; i += 4) if (px[i] !== 0) ink++;
     if (ink > 200) n++;
   }
+  document.body.dataset.charts = String(charts.size);
   document.body.dataset.chartsDrawn = String(n);
 }
-draw();
-requestAnimationFrame(() => setTimeout(countDrawn, 0));
+draw(JSON.parse(document.getElementById("report-data").textContent));
+"""
+
+# the live view: the server says when the run folder changed; the page fetches the new data and redraws
+LIVE = """
+let updates = 0;
+function refresh() {
+  fetch(LIVE_DATA, {cache: "no-store"}).then(r => r.json()).then(d => {
+    for (const id of ["lead", "cards", "problem", "samples", "badge"]) {
+      document.getElementById(id).innerHTML = d.parts[id];
+    }
+    document.body.dataset.status = d.status;
+    document.body.dataset.steps = String(d.steps);
+    document.body.dataset.updates = String(++updates);
+    draw(d);
+  });
+}
+const events = new EventSource(LIVE_EVENTS);
+events.onmessage = refresh;
 """
 
 
-def render(rec: RunRecords, items: list[Chart], png_names: list[str], snapshot_name: str | None) -> str:
-    """The page's HTML text."""
-    name = rec.out.name
+def parts(rec: RunRecords) -> dict[str, str]:
+    """The pieces of the page a live view replaces as the run goes on (HTML)."""
     word, color = STATUS_WORDS.get(rec.status, (rec.status, "#555"))
-    chart_divs = "".join(
-        f'<div class="chart"><h3>{html.escape(c.title)}</h3><div id="chart-{c.id}"></div>'
-        + (f'<div class="note">{html.escape(c.note)}</div>' if c.note else "")
-        + "</div>"
-        for c in items
-    )
+    return {
+        "lead": html.escape(headline(rec)),
+        "cards": _cards(rec),
+        "problem": _status_box(rec),
+        "samples": _samples_section(rec),
+        "badge": f'<span class="badge" style="background:{color}">{html.escape(word)}</span>',
+    }
+
+
+def data(rec: RunRecords, items: list[Chart]) -> dict:
+    """What the page draws, as JSON: the charts, the status, and the parts a live view replaces."""
+    return {
+        "charts": [c.to_dict() for c in items],
+        "status": rec.status,
+        "steps": len(rec.steps),
+        "parts": parts(rec),
+    }
+
+
+def render(
+    rec: RunRecords,
+    items: list[Chart],
+    png_names: list[str],
+    snapshot_name: str | None,
+    live: tuple[str, str] | None = None,
+) -> str:
+    """The page's HTML text; ``live`` = (data URL, events URL) makes it follow the run (``fitune ui``)."""
+    name = rec.out.name
+    word = STATUS_WORDS.get(rec.status, (rec.status, "#555"))[0]
+    p = parts(rec)
     files = [f"<code>report/{html.escape(n)}</code>" for n in png_names]
     snap = (
         f"<p>The plan's steady step as a PyTorch memory snapshot: <code>report/{html.escape(snapshot_name)}</code>; "
@@ -235,27 +297,31 @@ def render(rec: RunRecords, items: list[Chart], png_names: list[str], snapshot_n
         if snapshot_name
         else ""
     )
-    data = {"charts": [c.to_dict() for c in items], "status": rec.status}
+    connect = "'self'" if live else "'none'"  # a live page asks its own server, and nothing else
+    script = ""
+    if live:
+        script = f"<script>const LIVE_DATA = {_script_json(live[0])}, LIVE_EVENTS = {_script_json(live[1])};{LIVE}</script>"
+    nav = '<p class="note"><a href="/">all runs</a></p>' if live else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; connect-src {connect}; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{html.escape(name)}: {html.escape(word)} · fitune report</title>
 <style>{_vendor("uPlot.min.css")}</style><style>{CSS}</style></head>
-<body data-charts="{len(items)}" data-charts-drawn="0" data-status="{html.escape(rec.status)}">
-<h1>{html.escape(name)} <span class="badge" style="background:{color}">{html.escape(word)}</span></h1>
+<body data-charts="{len(items)}" data-charts-drawn="0" data-status="{html.escape(rec.status)}" data-steps="{len(rec.steps)}" data-updates="0">
+{nav}<h1>{html.escape(name)} <span id="badge">{p["badge"]}</span></h1>
 <div class="note">{html.escape(str(rec.out))}</div>
-<p class="lead">{html.escape(headline(rec))}</p>
-{_status_box(rec)}
-<div class="cards">{_cards(rec)}</div>
-<h2>Training</h2><div class="grid">{chart_divs or "<p>No step has finished yet.</p>"}</div>
+<p class="lead" id="lead">{p["lead"]}</p>
+<div id="problem">{p["problem"]}</div>
+<div class="cards" id="cards">{p["cards"]}</div>
+<h2>Training</h2><div class="grid" id="charts"></div>
 <h2>Memory plan</h2>{_plan_section(rec.plan)}
-<h2>Samples</h2>{_samples_section(rec)}
+<h2>Samples</h2><div id="samples">{p["samples"]}</div>
 <h2>Recipe</h2><details><summary>recipe.resolved.yaml: every field, defaults included</summary>
 <pre class="recipe">{html.escape(rec.recipe_yaml or "(no recipe.resolved.yaml)")}</pre></details>
 <h2>Files</h2><p>Charts as PNG: {", ".join(files) or "none"}.</p>{snap}
 <script>{_vendor("uPlot.iife.min.js")}</script>
-<script id="report-data" type="application/json">{_script_json(data)}</script>
-<script>{DRAW}</script>
+<script id="report-data" type="application/json">{_script_json(data(rec, items))}</script>
+<script>{DRAW}</script>{script}
 </body></html>
 """
