@@ -383,9 +383,15 @@ def _plan_search(r, gpu, budget, margin, top, methods, as_json, write, report, s
 def report(
     run_dir: Path = typer.Argument(..., help="A run folder (the recipe's output.dir)."),
     no_png: bool = typer.Option(False, "--no-png", help="Only the HTML page, no PNG charts."),
+    serve: bool = typer.Option(False, "--serve", help="Serve the page live instead (as fitune ui does)."),
+    host: str = typer.Option("127.0.0.1", help="With --serve: the address to listen on."),
+    port: int = typer.Option(8765, help="With --serve: the port."),
 ) -> None:
     """Write the run's report: report.html (self-contained, opens offline), report/*.png, and the plan as a
     PyTorch memory snapshot."""
+    if serve:
+        _serve(run_dir.resolve().parent, host, port, open_run=run_dir.resolve().name, must_be_run=run_dir)
+        return
     try:
         from fitune.report import make_report
 
@@ -403,6 +409,40 @@ def report(
             highlight=False,
             soft_wrap=True,
         )
+
+
+@app.command()
+def ui(
+    runs: Path = typer.Argument(Path("runs"), help="The folder whose run folders are listed."),
+    host: str = typer.Option(
+        "127.0.0.1", help="The address to listen on (loopback unless you say otherwise)."
+    ),
+    port: int = typer.Option(8765, help="The port."),
+) -> None:
+    """Serve the runs under a folder on this machine: the list, and each run's report, updated as it trains."""
+    _serve(runs, host, port)
+
+
+def _serve(root: Path, host: str, port: int, open_run: str | None = None, must_be_run: Path | None = None):
+    from fitune.report.records import read_run
+    from fitune.report.serve import serve
+
+    try:
+        if must_be_run is not None:
+            read_run(must_be_run)  # a folder that is no run is refused before anything listens
+        elif not root.is_dir():
+            raise FituneError(
+                f"{root}: no such folder; fix: give the folder your runs are in (runs/ by default)"
+            )
+        serve(
+            root,
+            host,
+            port,
+            lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True),
+            open_run,
+        )
+    except FituneError as exc:
+        _fail(exc)
 
 
 @app.command()

@@ -167,9 +167,8 @@ def test_chromium_draws_every_chart_with_every_request_off_the_machine_blocked(d
             "--no-sandbox",
             "--disable-gpu",
             f"--user-data-dir={tmp_path / 'profile'}",
-            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost",  # no name resolves off the machine
-            "--proxy-server=http://127.0.0.1:9",  # and nothing reaches an address but through a dead proxy
-            "--proxy-bypass-list=<-loopback>",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",  # no name resolves off the machine
+            "--proxy-server=http://127.0.0.1:9",  # any other address only through a dead proxy (loopback bypasses it)
             "--virtual-time-budget=5000",
             "--dump-dom",
             page.as_uri(),

@@ -1,0 +1,185 @@
+"""``fitune ui [DIR]`` (and ``fitune report RUN_DIR --serve``): the run pages served live on this machine.
+
+A page is the report (``fitune/report/page.py``) with a live script: the server watches the run folder
+(its rows and its marker, every half second) and sends a server-sent event when something changed; the page
+then fetches the new figures and redraws. A reload shows the folder as it is then. The list at ``/`` holds
+every run folder under DIR. Nothing binds beyond 127.0.0.1 unless ``--host`` says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+from pathlib import Path
+
+from fitune.errors import FituneError
+from fitune.report.charts import charts
+from fitune.report.page import CSS, STATUS_WORDS, data, render
+from fitune.report.records import read_run
+from fitune.trainer.listeners import EVALS, METRICS, SAMPLES
+from fitune.trainer.runfolder import RUN_MARKER, read_marker
+
+WATCHED = (METRICS, EVALS, SAMPLES, RUN_MARKER)
+POLL_S = 0.5
+HEARTBEAT_S = 15.0
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def folder_state(out: Path) -> tuple:
+    """What changes when the run writes: size and modification time of each watched file."""
+    state = []
+    for name in WATCHED:
+        try:
+            st = (out / name).stat()
+            state.append((name, st.st_size, st.st_mtime_ns))
+        except OSError:
+            state.append((name, None, None))
+    return tuple(state)
+
+
+def run_folders(root: Path) -> list[tuple[Path, dict]]:
+    """The run folders directly under ``root``, the latest started first."""
+    found = []
+    for child in root.iterdir() if root.is_dir() else []:
+        marker = read_marker(child) if child.is_dir() else None
+        if marker is not None:
+            found.append((child, marker))
+    return sorted(found, key=lambda x: x[1].get("started", ""), reverse=True)
+
+
+def _last_row(path: Path) -> dict | None:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None
+
+
+def list_page(root: Path) -> str:
+    rows = []
+    for out, marker in run_folders(root):
+        status = marker.get("status", "unknown")
+        word, color = STATUS_WORDS.get(status, (status, "#555"))
+        last = _last_row(out / METRICS) or {}
+        total = marker.get("total_steps") or marker.get("steps")
+        step = f"{last.get('step', 0)}" + (f" / {total}" if total else "")
+        loss = f"{last['loss']:.4g}" if isinstance(last.get("loss"), (int, float)) else "—"
+        rows.append(
+            f'<tr><td><a href="/run/{html.escape(out.name)}">{html.escape(out.name)}</a></td>'
+            f'<td><span class="badge" style="background:{color}">{html.escape(word)}</span></td>'
+            f"<td>{step}</td><td>{loss}</td><td>{html.escape(marker.get('started', ''))}</td></tr>"
+        )
+    body = (
+        '<table class="samples"><tr><th>run</th><th>status</th><th>step</th><th>loss</th><th>started</th></tr>'
+        + "".join(rows)
+        + "</table>"
+        if rows
+        else f"<p>No run folder under {html.escape(str(root))} yet.</p>"
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
+<meta http-equiv="refresh" content="5">
+<title>fitune runs · {html.escape(str(root))}</title><style>{CSS}</style></head>
+<body><h1>fitune runs</h1><div class="note">{html.escape(str(root.resolve()))}</div>{body}</body></html>
+"""
+
+
+def make_app(root: Path):
+    """The Starlette app serving the runs under ``root``."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    root = Path(root)
+
+    def folder(request) -> Path:
+        name = request.path_params["name"]
+        out = root / name
+        if "/" in name or name in ("", ".", "..") or not out.is_dir() or read_marker(out) is None:
+            raise HTTPException(404, f"no run folder {name!r} under {root}")
+        return out
+
+    async def index(request):
+        return HTMLResponse(list_page(root))
+
+    async def page(request):
+        out = folder(request)
+        rec = read_run(out)
+        base = f"/run/{out.name}"
+        return HTMLResponse(render(rec, charts(rec), [], None, live=(f"{base}/data", f"{base}/events")))
+
+    async def figures(request):
+        rec = read_run(folder(request))
+        return JSONResponse(data(rec, charts(rec)))
+
+    async def events(request):
+        out = folder(request)
+
+        async def stream():
+            seen = folder_state(out)
+            quiet = 0.0
+            yield "retry: 1000\n\n"
+            while not await request.is_disconnected():
+                await asyncio.sleep(POLL_S)
+                now = folder_state(out)
+                if now != seen:
+                    seen, quiet = now, 0.0
+                    yield "data: changed\n\n"
+                else:
+                    quiet += POLL_S
+                    if quiet >= HEARTBEAT_S:
+                        quiet = 0.0
+                        yield ": still here\n\n"
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+        )
+
+    return Starlette(
+        routes=[
+            Route("/", index),
+            Route("/run/{name}", page),
+            Route("/run/{name}/data", figures),
+            Route("/run/{name}/events", events),
+        ]
+    )
+
+
+def serve(root: Path, host: str, port: int, echo, open_run: str | None = None) -> None:
+    """Serve until Ctrl-C."""
+    import importlib.util
+
+    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise FituneError(
+            f"the live view needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+            'installed; fix: pip install "fitune[ui]", or use fitune report RUN_DIR for the page as a file'
+        )
+    import socket
+
+    import uvicorn
+
+    try:  # a port in use is said in words, before the server would exit with a log line
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise FituneError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; fix: pass another --port"
+        ) from exc
+    if host not in LOOPBACK:
+        echo(f"warning: serving on {host}: anyone who can reach it on port {port} sees these runs")
+    where = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    echo(
+        f"fitune ui: {where}/"
+        + (f"run/{open_run}" if open_run else "")
+        + f" (runs under {root}); Ctrl-C stops"
+    )
+    uvicorn.run(make_app(root), host=host, port=port, log_level="warning")
