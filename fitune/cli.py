@@ -418,14 +418,27 @@ def ui(
         "127.0.0.1", help="The address to listen on (loopback unless you say otherwise)."
     ),
     port: int = typer.Option(8765, help="The port."),
+    recipe: Optional[list[Path]] = typer.Option(
+        None, help="A recipe whose plan gets a page (repeat for several)."
+    ),
 ) -> None:
     """Serve the runs under a folder on this machine: the list, and each run's report, updated as it trains."""
-    _serve(runs, host, port)
+    _serve(runs, host, port, recipes=recipe or [])
 
 
-def _serve(root: Path, host: str, port: int, open_run: str | None = None, must_be_run: Path | None = None):
+def _serve(
+    root: Path,
+    host: str,
+    port: int,
+    open_run: str | None = None,
+    must_be_run: Path | None = None,
+    recipes: list[Path] | None = None,
+):
     from fitune.report.records import read_run
     from fitune.report.serve import serve
+
+    def echo(line: str) -> None:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     try:
         if must_be_run is not None:
@@ -434,13 +447,11 @@ def _serve(root: Path, host: str, port: int, open_run: str | None = None, must_b
             raise FituneError(
                 f"{root}: no such folder; fix: give the folder your runs are in (runs/ by default)"
             )
-        serve(
-            root,
-            host,
-            port,
-            lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True),
-            open_run,
-        )
+        for path in recipes or []:
+            _load(path)  # a recipe that does not load is refused before anything listens
+        serve(root, host, port, echo, open_run, recipes=recipes)
+    except RecipeError as exc:
+        _fail(exc, EXIT_INVALID_RECIPE)
     except FituneError as exc:
         _fail(exc)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -232,3 +233,33 @@ def test_without_the_ui_extra_the_live_view_names_it(runs, monkeypatch):
         FituneError, match=r'needs uvicorn, which is not installed; fix: pip install "fitune\[ui\]"'
     ):
         serve(runs, "127.0.0.1", _free_port(), echo=lambda *a: None)
+
+
+def test_a_runs_plan_page_shows_its_peak_and_its_steady_step_op_by_op(runs):
+    client = TestClient(make_app(runs))
+    page = client.get("/run/run/plan").text
+    plan = json.loads((runs / "run" / "plan.json").read_text())
+    assert plan["peak_op"] in page and plan["peak_module"] in page
+    found = re.search(r'<script id="report-data" type="application/json">(.*?)</script>', page, re.S)
+    (chart,) = json.loads(found.group(1))["charts"]
+    size = {"GiB": 2**30, "MiB": 2**20}[chart["unit"]]
+    total = chart["series"][0]
+    assert total["label"] == "all"
+    assert total["values"] == pytest.approx([r["live_bytes"] / size for r in plan["timeline"]])
+    assert chart["x_names"][0].startswith(plan["timeline"][0]["op"])
+    assert '<a href="/run/run/plan">' in client.get("/run/run").text
+
+
+def test_a_recipe_given_to_the_ui_gets_its_plan_page(runs, tmp_path):
+    import yaml
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path)))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: {seq_len: 1}\n")
+    client = TestClient(make_app(runs, [path, broken]))
+    assert '<a href="/plan/0">' in client.get("/").text
+    page = client.get("/plan/0").text
+    assert "recipe.yaml: the plan" in page and "steady_step" in page and "Planned for cpu" in page
+    assert "seq_len" in client.get("/plan/1").text  # what is wrong with it, on its page
+    assert client.get("/plan/2").status_code == 404

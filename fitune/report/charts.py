@@ -37,6 +37,10 @@ class Chart:
     x: list[int]
     series: list[Series] = field(default_factory=list)
     note: str = ""
+    x_label: str = "step"
+    x_names: list[str] | None = (
+        None  # what each x stands for, shown as the cursor moves (an op and its module)
+    )
 
     @property
     def empty(self) -> bool:
@@ -49,6 +53,8 @@ class Chart:
             "unit": self.unit,
             "note": self.note,
             "x": self.x,
+            "x_label": self.x_label,
+            "x_names": self.x_names,
             "series": [vars(s) for s in self.series],
         }
 
@@ -132,6 +138,42 @@ def _memory(rec: RunRecords, steps: list[int]) -> Chart:
         if limit is not None:
             chart.series.append(Series("device memory", [limit / size] * len(steps), "#000000", dash=True))
     return chart
+
+
+def plan_chart(plan: dict) -> Chart | None:
+    """The plan's steady step (of the traced model), op by op: live bytes in all and per category."""
+    from fitune.planner.report import CATEGORY_COLORS
+
+    timeline = plan.get("timeline") or []
+    if not timeline:
+        return None
+    largest = max(r["live_bytes"] for r in timeline)
+    unit, size = ("GiB", GIB) if largest >= GIB else ("MiB", 2**20)
+    used = [c for c in timeline[0]["by_category"] if any(r["by_category"].get(c) for r in timeline)]
+    series = [Series("all", [r["live_bytes"] / size for r in timeline], "#222222")]
+    series += [
+        Series(c, [r["by_category"].get(c, 0) / size for r in timeline], CATEGORY_COLORS.get(c, "#999999"))
+        for c in used
+    ]
+    return Chart(
+        "plan_timeline",
+        "One steady step, op by op",
+        unit,
+        list(range(len(timeline))),
+        series,
+        note=f"traced with {_layers(plan)}, which the plan scales to the full depth for its peaks; the cursor "
+        "names each op and its module",
+        x_label="op",
+        x_names=[f"{r['op']} in {r['module']} ({r['stage']})" for r in timeline],
+    )
+
+
+def _layers(plan: dict) -> str:
+    traced = plan.get("traced_layers") or []
+    total = plan.get("num_layers")
+    if not traced or traced[-1] == total:  # the timeline is the deeper traced run's
+        return "every decoder layer"
+    return f"{traced[-1]} of the model's {total} decoder layers"
 
 
 def device_limit(plan: dict) -> int | None:

@@ -193,7 +193,7 @@ function draw(data) {
   for (const u of charts.values()) u.destroy();
   charts.clear();
   grid.textContent = "";
-  if (!data.charts.length) grid.textContent = "No step has finished yet.";
+  if (!data.charts.length) grid.textContent = data.empty || "No step has finished yet.";
   for (const c of data.charts) {
     const box = document.createElement("div");
     box.className = "chart";
@@ -208,14 +208,16 @@ function draw(data) {
       box.append(note);
     }
     grid.append(box);
-    const series = [{label: "step"}].concat(c.series.map(s => ({
+    const x = {label: c.x_label};
+    if (c.x_names) x.value = (u, v) => v == null ? "--" : (c.x_names[v] ?? v);
+    const series = [x].concat(c.series.map(s => ({
       label: s.label, stroke: s.color, width: s.dash ? 1 : 2, dash: s.dash ? [6, 4] : undefined,
       spanGaps: s.points, points: {show: !s.dash && (s.points || c.x.length < 40), size: 5},
     })));
     const opts = {
       width: Math.max(box.clientWidth - 16, 320), height: 240, series,
       scales: {x: {time: false}},
-      axes: [{label: "step"}, {label: c.unit, size: 60, values: (u, vals) => vals.map(tick)}],
+      axes: [{label: c.x_label}, {label: c.unit, size: 60, values: (u, vals) => vals.map(tick)}],
     };
     charts.set(c.id, new uPlot(opts, [c.x].concat(c.series.map(s => s.values)), plot));
   }
@@ -278,6 +280,34 @@ def data(rec: RunRecords, items: list[Chart]) -> dict:
     }
 
 
+def plan_page(title: str, plan: dict | None, why: str | None = None, back: str | None = None) -> str:
+    """A plan on its own page: peak per phase and category, the op and module at the peak, and the steady
+    step op by op (``fitune ui``: a run's plan, or a recipe's before it runs)."""
+    from fitune.report.charts import plan_chart
+
+    chart = plan_chart(plan) if plan else None
+    items = [chart] if chart else []
+    body = _plan_section(plan) if plan else f"<p>No plan: {html.escape(why or 'none was made')}</p>"
+    nav = f'<p class="note"><a href="{html.escape(back)}">back</a></p>' if back else ""
+    where = ""
+    if plan:
+        where = f"<p>Planned for {html.escape(str(plan.get('gpu') or plan.get('device')))}: {_gib(plan['peak_bytes'])} at the peak.</p>"
+    payload = {"charts": [c.to_dict() for c in items], "empty": "The plan holds no timeline."}
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'">
+<title>{html.escape(title)} · fitune plan</title>
+<style>{_vendor("uPlot.min.css")}</style><style>{CSS}</style></head>
+<body data-charts="{len(items)}" data-charts-drawn="0">
+{nav}<h1>{html.escape(title)}</h1>{where}{body}
+<h2>The steady step</h2><div class="grid" id="charts"></div>
+<script>{_vendor("uPlot.iife.min.js")}</script>
+<script id="report-data" type="application/json">{_script_json(payload)}</script>
+<script>{DRAW}</script>
+</body></html>
+"""
+
+
 def render(
     rec: RunRecords,
     items: list[Chart],
@@ -297,11 +327,17 @@ def render(
         if snapshot_name
         else ""
     )
+    listed = ", ".join(files) or "none"
+    files_part = "" if live else f"<h2>Files</h2><p>Charts as PNG: {listed}.</p>{snap}"
     connect = "'self'" if live else "'none'"  # a live page asks its own server, and nothing else
     script = ""
     if live:
         script = f"<script>const LIVE_DATA = {_script_json(live[0])}, LIVE_EVENTS = {_script_json(live[1])};{LIVE}</script>"
-    nav = '<p class="note"><a href="/">all runs</a></p>' if live else ""
+    nav = (
+        f'<p class="note"><a href="/">all runs</a> · <a href="/run/{html.escape(name)}/plan">the plan, op by op</a></p>'
+        if live
+        else ""
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; connect-src {connect}; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:">
@@ -319,7 +355,7 @@ def render(
 <h2>Samples</h2><div id="samples">{p["samples"]}</div>
 <h2>Recipe</h2><details><summary>recipe.resolved.yaml: every field, defaults included</summary>
 <pre class="recipe">{html.escape(rec.recipe_yaml or "(no recipe.resolved.yaml)")}</pre></details>
-<h2>Files</h2><p>Charts as PNG: {", ".join(files) or "none"}.</p>{snap}
+{files_part}
 <script>{_vendor("uPlot.iife.min.js")}</script>
 <script id="report-data" type="application/json">{_script_json(data(rec, items))}</script>
 <script>{DRAW}</script>{script}

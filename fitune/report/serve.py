@@ -3,7 +3,9 @@
 A page is the report (``fitune/report/page.py``) with a live script: the server watches the run folder
 (its rows and its marker, every half second) and sends a server-sent event when something changed; the page
 then fetches the new figures and redraws. A reload shows the folder as it is then. The list at ``/`` holds
-every run folder under DIR. Nothing binds beyond 127.0.0.1 unless ``--host`` says so.
+every run folder under DIR, and the recipes given with ``--recipe``, each with its plan page (phases,
+categories, the op and module at the peak, the steady step op by op); every run has its plan page too. Nothing
+binds beyond 127.0.0.1 unless ``--host`` says so.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from fitune.errors import FituneError
 from fitune.report.charts import charts
-from fitune.report.page import CSS, STATUS_WORDS, data, render
+from fitune.report.page import CSS, STATUS_WORDS, data, plan_page, render
 from fitune.report.records import read_run
 from fitune.trainer.listeners import EVALS, METRICS, SAMPLES
 from fitune.trainer.runfolder import RUN_MARKER, read_marker
@@ -61,7 +63,7 @@ def _last_row(path: Path) -> dict | None:
     return None
 
 
-def list_page(root: Path) -> str:
+def list_page(root: Path, recipes: list[Path] = ()) -> str:
     rows = []
     for out, marker in run_folders(root):
         status = marker.get("status", "unknown")
@@ -82,6 +84,11 @@ def list_page(root: Path) -> str:
         if rows
         else f"<p>No run folder under {html.escape(str(root))} yet.</p>"
     )
+    if recipes:
+        links = "".join(
+            f'<li><a href="/plan/{i}">{html.escape(str(p))}</a></li>' for i, p in enumerate(recipes)
+        )
+        body += f"<h2>Plans of recipes</h2><ul>{links}</ul>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
@@ -91,8 +98,9 @@ def list_page(root: Path) -> str:
 """
 
 
-def make_app(root: Path):
-    """The Starlette app serving the runs under ``root``."""
+def make_app(root: Path, recipes: list[Path] | None = None):
+    """The Starlette app serving the runs under ``root``, and the plans of ``recipes`` (``/plan/N``, planned
+    on the first visit, again when the file changes)."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -107,8 +115,39 @@ def make_app(root: Path):
             raise HTTPException(404, f"no run folder {name!r} under {root}")
         return out
 
+    recipes = list(recipes or [])
+    planned: dict[int, tuple[float, str]] = {}  # recipe index -> (its file's mtime, the page)
+
     async def index(request):
-        return HTMLResponse(list_page(root))
+        return HTMLResponse(list_page(root, recipes))
+
+    async def run_plan(request):
+        out = folder(request)
+        rec = read_run(out)
+        why = None if rec.plan else "this run folder holds no plan.json"
+        return HTMLResponse(plan_page(f"{out.name}: the plan", rec.plan, why, back=f"/run/{out.name}"))
+
+    def recipe_page(i: int) -> str:
+        from fitune.preflight.run import environment_for, plan_for
+        from fitune.recipe import Recipe
+
+        path = recipes[i]
+        try:
+            recipe = Recipe.from_yaml(path)
+            plan, why = plan_for(recipe, environment_for(recipe))
+        except FituneError as exc:  # a recipe that does not load is said on its page
+            plan, why = None, str(exc)
+        return plan_page(f"{path.name}: the plan", plan.to_dict() if plan else None, why, back="/")
+
+    async def recipe_plan(request):
+        i = request.path_params["i"]
+        if not 0 <= i < len(recipes):
+            raise HTTPException(404, f"no recipe {i}; fitune ui was given {len(recipes)}")
+        mtime = recipes[i].stat().st_mtime if recipes[i].is_file() else 0.0
+        if i not in planned or planned[i][0] != mtime:
+            page = await asyncio.to_thread(recipe_page, i)  # seconds of planning, off the event loop
+            planned[i] = (mtime, page)
+        return HTMLResponse(planned[i][1])
 
     async def page(request):
         out = folder(request)
@@ -149,11 +188,15 @@ def make_app(root: Path):
             Route("/run/{name}", page),
             Route("/run/{name}/data", figures),
             Route("/run/{name}/events", events),
+            Route("/run/{name}/plan", run_plan),
+            Route("/plan/{i:int}", recipe_plan),
         ]
     )
 
 
-def serve(root: Path, host: str, port: int, echo, open_run: str | None = None) -> None:
+def serve(
+    root: Path, host: str, port: int, echo, open_run: str | None = None, recipes: list[Path] | None = None
+) -> None:
     """Serve until Ctrl-C."""
     import importlib.util
 
@@ -182,4 +225,4 @@ def serve(root: Path, host: str, port: int, echo, open_run: str | None = None) -
         + (f"run/{open_run}" if open_run else "")
         + f" (runs under {root}); Ctrl-C stops"
     )
-    uvicorn.run(make_app(root), host=host, port=port, log_level="warning")
+    uvicorn.run(make_app(root, recipes), host=host, port=port, log_level="warning")
