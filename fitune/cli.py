@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from fitune.errors import FituneError, RecipeError, RunInterrupted
+from fitune.memory import human_bytes
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Fine-tune open LLMs on the hardware you have."
@@ -121,18 +122,13 @@ def train(
     )
 
 
-def _human(n: int) -> str:
-    """Bytes for a person: GiB from 1 GiB up, MiB below (a small model's figures would all read 0.00 GiB)."""
-    return f"{n / 2**30:,.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:,.1f} MiB"
-
-
 def _print_plan(p, recipe) -> None:
     from rich.table import Table
 
     target = p.gpu or p.device
     console.print(
         f"[bold]plan[/] {recipe.method.kind} of {recipe.model.source or 'inline config'} on {target}: "
-        f"peak [bold]{_human(p.peak_bytes)}[/] in {p.peak_phase} ({p.num_layers} layers; traced "
+        f"peak [bold]{human_bytes(p.peak_bytes)}[/] in {p.peak_phase} ({p.num_layers} layers; traced "
         f"{' and '.join(map(str, p.traced_layers))}; {p.seconds:.1f} s)",
         highlight=False,
     )
@@ -140,7 +136,7 @@ def _print_plan(p, recipe) -> None:
     phases.add_column("phase")
     phases.add_column("peak", justify="right")
     for name, b in p.phases.items():
-        phases.add_row(name, _human(b))
+        phases.add_row(name, human_bytes(b))
     for name, why in p.absent.items():
         phases.add_row(name, f"absent: {why}")
     console.print(phases)
@@ -149,17 +145,17 @@ def _print_plan(p, recipe) -> None:
     table.add_column("bytes", justify="right")
     table.add_column("share", justify="right")
     for cat, b in sorted(p.breakdown.items(), key=lambda kv: -kv[1]):
-        table.add_row(cat, _human(b), f"{100 * b / max(1, p.peak_bytes):.1f}%")
+        table.add_row(cat, human_bytes(b), f"{100 * b / max(1, p.peak_bytes):.1f}%")
     console.print(table)
     if p.cuda:
         console.print(
-            f"CUDA: max_memory_allocated {_human(p.cuda['allocated'])}, max_memory_reserved "
-            f"{_human(p.cuda['reserved'])}, with the CUDA context about {_human(p.cuda['device_total'])} on the device",
+            f"CUDA: max_memory_allocated {human_bytes(p.cuda['allocated'])}, max_memory_reserved "
+            f"{human_bytes(p.cuda['reserved'])}, with the CUDA context about {human_bytes(p.cuda['device_total'])} on the device",
             highlight=False,
         )
     for category, b in p.host.items():
         console.print(
-            f"host memory: {category} peak at {_human(b)} (held off the device, not part of the peak above)",
+            f"host memory: {category} peak at {human_bytes(b)} (held off the device, not part of the peak above)",
             highlight=False,
         )
     if p.attention:
@@ -201,7 +197,7 @@ def _print_search(result, top: int, from_defaults: bool) -> None:
     t, base = result.target, result.base
     console.print(
         f"[bold]plan search[/] {base.model.source or 'inline config'} on {t.label}: usable "
-        f"{_human(result.usable_bytes)} after a {result.margin:.0%} margin; seq_len {result.seq_len}, "
+        f"{human_bytes(result.usable_bytes)} after a {result.margin:.0%} margin; seq_len {result.seq_len}, "
         f"effective batch {result.effective_batch}",
         highlight=False,
     )
@@ -238,7 +234,7 @@ def _print_search(result, top: int, from_defaults: bool) -> None:
         best = result.ranked[0]
         largest = sorted(best.breakdown.items(), key=lambda kv: -kv[1])[:4]
         console.print(
-            f"chosen: #1, peak {_human(best.peak_bytes)} at the {best.peak_region} "
+            f"chosen: #1, peak {human_bytes(best.peak_bytes)} at the {best.peak_region} "
             f"({', '.join(f'{k} {v / 2**30:.2f}' for k, v in largest)} GiB)",
             highlight=False,
         )
@@ -368,8 +364,8 @@ def _plan_search(r, gpu, budget, margin, top, methods, as_json, write, report, s
     _print_search(result, top, from_defaults)
     if chosen_plan is not None:
         console.print(
-            f"direct plan of the chosen configuration: peak {_human(chosen_plan.peak_bytes)} "
-            f"(search: {_human(result.ranked[0].peak_bytes)})",
+            f"direct plan of the chosen configuration: peak {human_bytes(chosen_plan.peak_bytes)} "
+            f"(search: {human_bytes(result.ranked[0].peak_bytes)})",
             highlight=False,
         )
     if write:
@@ -531,9 +527,11 @@ def measure(
         table.add_column(col, justify="right" if col != "phase" else "left")
     for name, row in rows.items():
         err = f"{100 * row['error']:+.2f}%" if row["error"] is not None else "-"
-        table.add_row(name, _human(row["predicted"]), _human(row["measured"]), err)
+        table.add_row(name, human_bytes(row["predicted"]), human_bytes(row["measured"]), err)
     err = predicted.peak_bytes / measured.peak_bytes - 1
-    table.add_row("peak", _human(predicted.peak_bytes), _human(measured.peak_bytes), f"{100 * err:+.2f}%")
+    table.add_row(
+        "peak", human_bytes(predicted.peak_bytes), human_bytes(measured.peak_bytes), f"{100 * err:+.2f}%"
+    )
     console.print(table)
 
 

@@ -106,12 +106,18 @@ def charts(rec: RunRecords) -> list[Chart]:
     return [c for c in out if not c.empty]
 
 
+def _unit(largest: int) -> tuple[str, int]:
+    """A memory chart's unit: GiB once its largest figure reaches one, else MiB (as ``human_bytes``)."""
+    return ("GiB", GIB) if largest >= GIB else ("MiB", 2**20)
+
+
 def _memory(rec: RunRecords, steps: list[int]) -> Chart:
     """Memory over the steps, with the plan's phase peaks and the device's limit as lines (GiB, or MiB for a
     run that never reaches one GiB)."""
     plan = rec.plan
-    largest = max([r.get("memory_bytes") or 0 for r in rec.steps] + [plan["peak_bytes"] if plan else 0])
-    unit, size = ("GiB", GIB) if largest >= GIB else ("MiB", 2**20)
+    unit, size = _unit(
+        max([r.get("memory_bytes") or 0 for r in rec.steps] + [plan["peak_bytes"] if plan else 0])
+    )
     chart = Chart("memory", "Memory", unit, steps)
     if rec.on_cuda:
         chart.series += [
@@ -147,8 +153,7 @@ def plan_chart(plan: dict) -> Chart | None:
     timeline = plan.get("timeline") or []
     if not timeline:
         return None
-    largest = max(r["live_bytes"] for r in timeline)
-    unit, size = ("GiB", GIB) if largest >= GIB else ("MiB", 2**20)
+    unit, size = _unit(max(r["live_bytes"] for r in timeline))
     used = [c for c in timeline[0]["by_category"] if any(r["by_category"].get(c) for r in timeline)]
     series = [Series("all", [r["live_bytes"] / size for r in timeline], "#222222")]
     series += [

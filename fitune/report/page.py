@@ -11,6 +11,7 @@ import html
 import json
 from importlib import resources
 
+from fitune.memory import human_bytes
 from fitune.planner.report import CATEGORY_COLORS
 from fitune.report.charts import Chart
 from fitune.report.records import RunRecords
@@ -29,13 +30,7 @@ def _vendor(name: str) -> str:
 
 
 def _gib(n: int | float | None) -> str:
-    """Bytes in the unit that reads best: 1.63 MiB, 2.41 GiB."""
-    if n is None:
-        return "—"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= 0.95 * size:  # 0.99 GiB rather than 1013.84 MiB
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
+    return "—" if n is None else human_bytes(n)
 
 
 def _num(x: float | None, digits: int = 4) -> str:
@@ -49,7 +44,7 @@ def _script_json(value) -> str:
 
 def headline(rec: RunRecords) -> str:
     """The run in one sentence."""
-    h = rec.headline()
+    h = rec.headline
     total = h["steps_total"]
     of = f" of {total}" if total else ""
     parts = []
@@ -76,7 +71,7 @@ def headline(rec: RunRecords) -> str:
 
 
 def _status_box(rec: RunRecords) -> str:
-    h = rec.headline()
+    h = rec.headline
     if h["status"] in ("done", "running"):
         return ""
     lines = [f"<b>{html.escape(STATUS_WORDS.get(h['status'], (h['status'],))[0])}</b> in phase "]
@@ -94,7 +89,7 @@ def _status_box(rec: RunRecords) -> str:
 
 
 def _cards(rec: RunRecords) -> str:
-    h = rec.headline()
+    h = rec.headline
     total = f" / {h['steps_total']}" if h["steps_total"] else ""
     cards = [
         ("steps", f"{h['steps_done']}{total}"),

@@ -6,16 +6,14 @@ report can be made of a run that is still training, failed or ran out of memory.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fitune.errors import FituneError
 from fitune.trainer.listeners import EVALS, METRICS, SAMPLES
-from fitune.trainer.runfolder import RUN_MARKER, read_marker
-
-PLAN = "plan.json"
-RECIPE = "recipe.resolved.yaml"
+from fitune.trainer.runfolder import PLAN, RECIPE, RUN_MARKER, read_marker
 
 
 @dataclass
@@ -48,8 +46,9 @@ class RunRecords:
         prompts = list(dict.fromkeys([*before, *after]))
         return [(p, before.get(p), after.get(p)) for p in prompts]
 
+    @functools.cached_property
     def headline(self) -> dict:
-        """The figures a person reads first."""
+        """The figures a person reads first (once per read of the folder)."""
         losses = [r["loss"] for r in self.steps]
         evals = [r for r in self.evals if r.get("loss") is not None]
         seconds = sum(r.get("step_s", 0.0) for r in self.steps)
@@ -77,7 +76,8 @@ class RunRecords:
         }
 
 
-def _rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a JSONL file the run writes (none when it is missing), a row cut short skipped."""
     if not path.is_file():
         return []
     rows = []
@@ -112,9 +112,9 @@ def read_run(out: Path) -> RunRecords:
     return RunRecords(
         out=out,
         marker=marker,
-        steps=_rows(out / METRICS),
-        evals=_rows(out / EVALS),
-        samples=_rows(out / SAMPLES),
+        steps=read_rows(out / METRICS),
+        evals=read_rows(out / EVALS),
+        samples=read_rows(out / SAMPLES),
         plan=plan,
         recipe_yaml=recipe.read_text(encoding="utf-8") if recipe.is_file() else "",
     )

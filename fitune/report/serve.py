@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import html
-import json
 from pathlib import Path
 
 from fitune.errors import FituneError
 from fitune.report.charts import charts
 from fitune.report.page import CSS, STATUS_WORDS, data, plan_page, render
-from fitune.report.records import read_run
+from fitune.report.records import read_rows, read_run
 from fitune.trainer.listeners import EVALS, METRICS, SAMPLES
 from fitune.trainer.runfolder import RUN_MARKER, read_marker
 
@@ -50,25 +49,13 @@ def run_folders(root: Path) -> list[tuple[Path, dict]]:
     return sorted(found, key=lambda x: x[1].get("started", ""), reverse=True)
 
 
-def _last_row(path: Path) -> dict | None:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            return json.loads(line)
-        except ValueError:
-            continue
-    return None
-
-
 def list_page(root: Path, recipes: list[Path] = ()) -> str:
     rows = []
     for out, marker in run_folders(root):
         status = marker.get("status", "unknown")
         word, color = STATUS_WORDS.get(status, (status, "#555"))
-        last = _last_row(out / METRICS) or {}
+        steps = read_rows(out / METRICS)
+        last = steps[-1] if steps else {}
         total = marker.get("total_steps") or marker.get("steps")
         step = f"{last.get('step', 0)}" + (f" / {total}" if total else "")
         loss = f"{last['loss']:.4g}" if isinstance(last.get("loss"), (int, float)) else "—"

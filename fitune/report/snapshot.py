@@ -17,6 +17,11 @@ SNAPSHOT = "plan.memory-snapshot.pickle"
 _ALIGN = 512  # block addresses on the allocator's alignment, as a real snapshot has them
 
 
+def _rounded(size: int) -> int:
+    """A block's size as the allocator rounds it."""
+    return -(-size // _ALIGN) * _ALIGN
+
+
 def snapshot(plan: dict) -> dict:
     """A memory-viz snapshot (``segments``, ``device_traces``) of the plan's steady-step timeline."""
     timeline = plan.get("timeline") or []
@@ -39,7 +44,7 @@ def snapshot(plan: dict) -> dict:
                 {"filename": "fitune plan", "line": 0, "name": f"category: {category}"},
             ],
         }
-        next_addr += -(-size // _ALIGN) * _ALIGN
+        next_addr += _rounded(size)
         stacks.setdefault(category, []).append(block)
         trace.append(block)
 
@@ -77,8 +82,8 @@ def snapshot(plan: dict) -> dict:
         "total_size": next_addr,
         "stream": 0,
         "segment_type": "large",
-        "allocated_size": sum(-(-b["size"] // _ALIGN) * _ALIGN for b in blocks),
-        "active_size": sum(-(-b["size"] // _ALIGN) * _ALIGN for b in blocks),
+        "allocated_size": sum(_rounded(b["size"]) for b in blocks),
+        "active_size": sum(_rounded(b["size"]) for b in blocks),
         "requested_size": sum(b["size"] for b in blocks),
         "blocks": _blocks(blocks, next_addr),
     }
@@ -91,7 +96,7 @@ def _blocks(live: list[dict], end: int) -> list[dict]:
     for b in sorted(live, key=lambda b: b["addr"]):
         if b["addr"] > at:
             out.append({"address": at, "size": b["addr"] - at, "requested_size": 0, "state": "inactive"})
-        size = -(-b["size"] // _ALIGN) * _ALIGN  # the block as the allocator rounds it, the bytes asked for
+        size = _rounded(b["size"])  # the block as the allocator rounds it, the bytes asked for
         out.append(
             {
                 "address": b["addr"],

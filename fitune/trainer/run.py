@@ -38,12 +38,10 @@ from fitune.trainer.events import (
 )
 from fitune.trainer.listeners import LogLines, MetricsFile, ProgressBar
 from fitune.trainer.oom import OutOfMemory, is_out_of_memory, oom_guard
-from fitune.trainer.runfolder import RunMarker, prepare_run_folder, write_atomic
+from fitune.trainer.runfolder import PLAN, RECIPE, RunMarker, prepare_run_folder, write_atomic
 from fitune.trainer.signals import Signals
 from fitune.trainer.trackers import trackers_for, where
 from fitune.version import __version__
-
-PLAN = "plan.json"
 
 
 def memory_in_use(device: torch.device) -> int:
@@ -96,7 +94,7 @@ def train(
     out = prepare_run_folder(recipe, overwrite, resume)
     marker = RunMarker(out, resumed=resume)
     if not resume:
-        write_atomic(out / "recipe.resolved.yaml", recipe.to_yaml())
+        write_atomic(out / RECIPE, recipe.to_yaml())
 
     def end(status: str, phase: str, error=None, result: TrainResult | None = None, **fields) -> None:
         """The marker's last word, then ``run_ended`` to every listener."""

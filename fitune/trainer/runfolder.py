@@ -31,6 +31,8 @@ from fitune.trainer.checkpoint import find_checkpoint
 from fitune.version import __version__
 
 RUN_MARKER = "fitune-run.json"
+PLAN = "plan.json"  # the plan of the run, written at start
+RECIPE = "recipe.resolved.yaml"  # every field of the recipe, defaults included
 
 
 def _now() -> str:

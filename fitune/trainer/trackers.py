@@ -58,17 +58,27 @@ def where(name: str, out: Path) -> str:
     if name == "tensorboard":
         return f"tensorboard: {out / 'tensorboard'} (view: tensorboard --logdir {out.parent})"
     if name == "mlflow":
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or _mlflow_store(out)
+        uri = _mlflow_uri(out)
         return f"mlflow: {uri} (view: mlflow ui --backend-store-uri {uri})"
     if name == "wandb":
-        mode = os.environ.get("WANDB_MODE") or "offline"
+        mode = _wandb_mode()
         return f"wandb ({mode}): {out / 'wandb'}" + (" (upload: wandb sync)" if mode == "offline" else "")
-    project = os.environ.get("TRACKIO_PROJECT") or "fitune"
+    project = _trackio_project()
     return f"trackio: project {project} (view: trackio show --project {project})"
 
 
-def _mlflow_store(out: Path) -> str:
-    return f"sqlite:///{out.resolve().parent / 'mlflow.db'}"
+# where each tracker writes: said at start by ``where``, used by the tracker itself
+def _mlflow_uri(out: Path) -> str:
+    """``$MLFLOW_TRACKING_URI``, else fitune's own SQLite store beside the run folders."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out.resolve().parent / 'mlflow.db'}"
+
+
+def _wandb_mode() -> str:
+    return os.environ.get("WANDB_MODE") or "offline"
+
+
+def _trackio_project() -> str:
+    return os.environ.get("TRACKIO_PROJECT") or "fitune"
 
 
 def step_figures(event: StepDone) -> dict[str, float]:
@@ -194,11 +204,10 @@ class MLflow(Listener):
 
         from mlflow.tracking import MlflowClient
 
-        logging.getLogger("mlflow.store.db.utils").setLevel(
-            logging.WARNING
-        )  # its table creation, said each run
-        given = os.environ.get("MLFLOW_TRACKING_URI")
-        self.client = MlflowClient(tracking_uri=given or _mlflow_store(event.out))
+        # MLflow logs its table creation at INFO on every run
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+        given = os.environ.get("MLFLOW_TRACKING_URI")  # a store of the user's keeps its own artifact root
+        self.client = MlflowClient(tracking_uri=_mlflow_uri(event.out))
         self.run_id = _saved_id(event.out, "mlflow") if event.resumed else None
         if self.run_id is None:
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "fitune"
@@ -262,7 +271,7 @@ class WandB(Listener):
             project=os.environ.get("WANDB_PROJECT") or "fitune",
             name=event.out.name,
             dir=str(event.out),
-            mode=os.environ.get("WANDB_MODE") or "offline",
+            mode=_wandb_mode(),
             config=_recipe(event),
             id=run_id,
             resume="allow" if run_id else None,
@@ -309,7 +318,7 @@ class Trackio(Listener):
 
         with contextlib.redirect_stdout(io.StringIO()):
             self.run = trackio.init(
-                project=os.environ.get("TRACKIO_PROJECT") or "fitune",
+                project=_trackio_project(),
                 name=event.out.name,
                 config={**_recipe(event), **summary(event)},
                 resume="allow" if event.resumed else "never",
