@@ -1,21 +1,21 @@
 """Running the doctor: evaluate every rule against a context, report findings, apply their fixes.
 
 ``run_rules`` returns findings errors first; ``apply_fixes`` turns the unambiguous ones into a new recipe
-and a unified diff of its YAML. The memory rules live here because they read the plan's peak, which only
-the caller can supply (``fitune plan`` computes it; the doctor never builds a model).
+and a unified diff of its YAML.
 """
 
 from __future__ import annotations
 
 import difflib
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fitune.preflight.context import DoctorContext
-from fitune.preflight.rules import RULES, Facts, Rule, gh, on_cuda, real
+from fitune.preflight.facts import Facts
+from fitune.preflight.rules import RULES
 
 if TYPE_CHECKING:
+    from fitune.preflight.rule import Rule
     from fitune.recipe import Recipe
 
 SEVERITY_ORDER = {"error": 0, "warning": 1, "note": 2}
@@ -34,79 +34,9 @@ class Finding:
         return f"{self.severity} [{self.rule_id}]: {self.message}; fix: {self.fix_text}"
 
 
-# --- memory rules ---------------------------------------------------------------------------------------------
-
-K1_OOM = gh("meta-pytorch/torchtune#1185", "mistralai/mistral-finetune#69", "hiyouga/LlamaFactory#4559")
-F5_DOES_NOT_FIT = gh("meta-llama/llama-cookbook#56", "meta-llama/llama-cookbook#333")
-
-
-def _peak_over(ctx: DoctorContext, share: float) -> bool:
-    """The planned peak is above ``share`` of the free memory (False when either is unknown)."""
-    peak, env = ctx.planned_peak_bytes, ctx.env
-    return (
-        peak is not None
-        and env is not None
-        and env.free_memory_bytes > 0
-        and peak > share * env.free_memory_bytes
-    )
-
-
-def _expandable_segments_on() -> bool:
-    conf = f"{os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')},{os.environ.get('PYTORCH_ALLOC_CONF', '')}"
-    return "expandable_segments:true" in conf.replace(" ", "").lower()
-
-
-_SHRINK = (
-    "run `fitune plan` for a configuration that fits: train.gradient_checkpointing: true, a smaller "
-    "train.batch_size with a larger train.grad_accum, method.kind: qlora, or a shorter train.seq_len"
-)
-
-MEMORY_RULES: list[Rule] = [
-    Rule(
-        id="memory-exceeds-free",
-        severity="error",
-        title="Planned peak memory above the free memory",
-        applies=lambda c: _peak_over(c, 1.0),
-        message="the plan's peak is {peak} but {target} has {free} free: the run would stop with an "
-        "out-of-memory error, at the latest in the first optimizer step",
-        fix=None,
-        fix_text=_SHRINK,
-        source=K1_OOM + F5_DOES_NOT_FIT,
-    ),
-    Rule(
-        id="memory-within-margin",
-        severity="warning",
-        title="Planned peak memory inside the safety margin",
-        applies=lambda c: _peak_over(c, 1.0 - c.margin) and not _peak_over(c, 1.0),
-        message="the plan's peak of {peak} leaves {headroom} of the {free} free on {target}, less than the "
-        "{margin_pct} margin kept for allocator fragmentation, the CUDA context and library workspaces",
-        fix=None,
-        fix_text=_SHRINK,
-        source=K1_OOM,
-    ),
-    Rule(
-        id="expandable-segments-off",
-        severity="warning",
-        title="Near-limit CUDA run without expandable allocator segments",
-        applies=lambda c: (
-            real(c) and on_cuda(c) and _peak_over(c, 1.0 - 2 * c.margin) and not _expandable_segments_on()
-        ),
-        message="the plan's peak of {peak} is close to the {free} free on {target}, and "
-        "PYTORCH_CUDA_ALLOC_CONF does not enable expandable_segments: fragmentation of the caching "
-        "allocator alone can turn a fitting run into an out-of-memory error",
-        fix=None,
-        fix_text="export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before starting the run",
-        source=K1_OOM,
-    ),
-]
-
-
-# --- running ----------------------------------------------------------------------------------------------------
-
-
 def list_rules() -> list[Rule]:
     """Every rule the doctor checks, in evaluation order."""
-    return [*RULES, *MEMORY_RULES]
+    return list(RULES)
 
 
 def _finding(rule: Rule, ctx: DoctorContext) -> Finding:
