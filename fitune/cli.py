@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from fitune.errors import FituneError, RecipeError, RunInterrupted
+from fitune.errors import FituneError, OtherRankFailed, RecipeError, RunInterrupted
 from fitune.memory import human_bytes
 
 app = typer.Typer(
@@ -61,12 +61,24 @@ def train(
     no_progress: bool = typer.Option(
         False, "--no-progress", help="Plain log lines instead of a progress bar."
     ),
+    nproc: Optional[int] = typer.Option(
+        None,
+        "--nproc",
+        min=1,
+        help="Processes to shard the model over with FSDP2 (GPUs, or CPU processes); default "
+        "hardware.num_devices.",
+    ),
 ) -> None:
     """Train a recipe and save the adapter (or model), metrics and the resolved recipe."""
+    import os
+
+    from fitune.distributed.launch import PREFLIGHT_DONE, launch
+    from fitune.distributed.world import launched, refuse_unsharded
     from fitune.libraries import prepare_libraries
     from fitune.trainer.oom import OutOfMemory
 
     prepare_libraries()
+    world = launched()
     try:
         r = _load(recipe)
         from fitune.preflight import doctor as run_doctor
@@ -74,17 +86,30 @@ def train(
         from fitune.preflight.run import plan_for
         from fitune.trainer.run import train as run_train
 
-        env = environment_for(r, training=True)
-        the_plan, _ = plan_for(r, env)
-        peak = the_plan.peak_bytes if the_plan is not None else None
-        findings = run_doctor(r, env=env, planned_peak_bytes=peak, training=True)
-        if findings:
-            _print_findings(findings)
-        if any(f.severity == "error" for f in findings) and not force:
-            err_console.print(
-                "preflight found errors: fix the recipe (`fitune doctor --fix`) or pass --force"
-            )
-            raise typer.Exit(EXIT_DOCTOR)
+        ranks = world.size if world.distributed else (nproc or r.hardware.num_devices)
+        if ranks != r.hardware.num_devices:
+            r = r.updated({"hardware.num_devices": ranks})
+        if ranks == 1 or (world.main and not os.environ.get(PREFLIGHT_DONE)):
+            env = environment_for(r, training=True)
+            # a sharded run's plan is per rank, which fitune does not make yet: its memory is not checked
+            the_plan, _ = plan_for(r, env) if ranks == 1 else (None, None)
+            peak = the_plan.peak_bytes if the_plan is not None else None
+            findings = run_doctor(r, env=env, planned_peak_bytes=peak, training=True, with_plan=ranks == 1)
+            if findings:
+                _print_findings(findings)
+            if any(f.severity == "error" for f in findings) and not force:
+                err_console.print(
+                    "preflight found errors: fix the recipe (`fitune doctor --fix`) or pass --force"
+                )
+                raise typer.Exit(EXIT_DOCTOR)
+        else:
+            the_plan = None
+        if ranks > 1 and not world.distributed:
+            refuse_unsharded(r, resume)
+            args = ["train", str(recipe), "--nproc", str(ranks)]
+            args += ["--max-steps", str(max_steps)] if max_steps is not None else []
+            args += ["--overwrite"] * overwrite + ["--resume"] * resume + ["--no-progress"] * no_progress
+            raise typer.Exit(launch(ranks, args))
 
         result = run_train(
             r,
@@ -100,9 +125,15 @@ def train(
     except OutOfMemory as exc:
         _fail(exc, EXIT_OOM)
     except RunInterrupted as exc:
+        if not world.main:  # every rank stopped after the same step; rank 0 says so
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         _fail(exc, EXIT_INTERRUPTED)
+    except OtherRankFailed:
+        raise typer.Exit(EXIT_ERROR) from None  # rank 0 said why
     except FituneError as exc:
-        _fail(exc)
+        _fail(exc if world.main else FituneError(f"rank {world.rank}: {exc}"))
+    if not world.main:
+        return  # rank 0 reports the run
     if r.samples.prompts:
         from rich.table import Table
 

@@ -51,3 +51,7 @@ class RunInterrupted(FituneError):
         self.phase = phase
         self.step = step
         super().__init__(message or f"interrupted by {signal_name}")
+
+
+class OtherRankFailed(FituneError):
+    """Another process of a distributed run failed, and said why itself; this one stops quietly."""

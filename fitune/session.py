@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fitune.distributed.shard import shard_model
+from fitune.distributed.world import current as current_world
 from fitune.errors import FituneError, ModelSourceError
 from fitune.libraries import prepare_libraries
 from fitune.models import sources
@@ -52,6 +54,7 @@ class Session:
     # the last step's total gradient norm before clipping: one fp32 scalar from the build on, written in place
     # each step, so no step holds a tensor of the one before (planned as the run holds it)
     grad_norm: torch.Tensor | None = None
+    ranks: int = 1  # processes the model is sharded over (FSDP2); the step scales its loss by it
 
     @property
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -562,6 +565,9 @@ def build_session(
             type(causal_lm).__name__,
             lambda: causal_lm.get_output_embeddings() is head,
         )
+    world = current_world()
+    if world.distributed and not fake:
+        shard_model(causal_lm, _decoder_layers(causal_lm))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(recipe, params, fake=fake)
     steps = total_steps or recipe.train.max_steps or 1
@@ -593,6 +599,7 @@ def build_session(
         derived=derived,
         installed=installed,
         grad_norm=torch.zeros((), dtype=torch.float32, device=device),
+        ranks=world.size if world.distributed and not fake else 1,
     )
     session.set_training(True)
     return session

@@ -16,10 +16,12 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from fitune.data.batching import Batch
 from fitune.data.dataset import IGNORE
+from fitune.distributed.world import all_sum
 from fitune.techniques.lean import chunk_loss_sum_, linear_cross_entropy
 
 
@@ -93,6 +95,11 @@ def count_targets(batches: list[Batch]) -> torch.Tensor:
     return sum((b.targets_BT != IGNORE).sum() for b in batches).clamp(min=1)
 
 
+def global_targets(batches: list[Batch], device: torch.device) -> torch.Tensor:
+    """Target tokens of the step over every rank's micro-batches."""
+    return all_sum(sum((b.targets_BT != IGNORE).sum() for b in batches).to(device)).clamp(min=1)
+
+
 def micro_batch_loss(session, batch: Batch, n_targets: torch.Tensor) -> torch.Tensor:
     offload = session.offload.hooks() if session.offload is not None else contextlib.nullcontext()
     derived = session.derived.hooks() if session.derived is not None else contextlib.nullcontext()
@@ -107,12 +114,19 @@ def train_step(session, batches: list[Batch]) -> torch.Tensor:
 
     Micro-batches may wait in host memory: each moves to the device only for its own forward and backward.
     """
-    n_targets = count_targets(batches).to(session.device)
+    # several ranks: each loss is this rank's share of the global token mean; the reduce-scatter averages the
+    # ranks' gradients, so the loss that goes backward is scaled by their number
+    ranks = session.ranks
+    if ranks > 1:
+        n_targets = global_targets(batches, session.device)
+    else:
+        n_targets = count_targets(batches).to(session.device)
     total = torch.zeros((), device=session.device)
     scaler = session.grad_scaler
     for batch in batches:
         loss = micro_batch_loss(session, batch.to(session.device), n_targets)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        scaled = loss * ranks if ranks > 1 else loss
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total = total + loss.detach()
     if scaler is not None:
         scaler.unscale_(session.optimizer)
@@ -122,6 +136,8 @@ def train_step(session, batches: list[Batch]) -> torch.Tensor:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if isinstance(norm, DTensor):  # sharded gradients: the norm over every rank's shards
+        norm = norm.full_tensor()
     session.grad_norm.copy_(norm.detach())
     if scaler is not None:
         scaler.step(session.optimizer)  # skips the step when gradients overflowed
@@ -130,7 +146,7 @@ def train_step(session, batches: list[Batch]) -> torch.Tensor:
         session.optimizer.step()
     session.scheduler.step()
     session.optimizer.zero_grad(set_to_none=True)
-    return total
+    return all_sum(total) if ranks > 1 else total
 
 
 @torch.no_grad()

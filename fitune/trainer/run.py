@@ -19,10 +19,14 @@ import torch
 from fitune.data.batching import MicroBatches, batches_per_epoch
 from fitune.data.dataset import TokenizedData, data_files, load_dataset
 from fitune.data.scan import byte_progress, length_advice
-from fitune.errors import FituneError, RunInterrupted
+from fitune.distributed.save import save_sharded_result
+from fitune.distributed.world import any_rank, broadcast_from_main, launched, refuse_unsharded
+from fitune.distributed.world import current as world_current
+from fitune.distributed.world import start as world_start
+from fitune.errors import FituneError, OtherRankFailed, RunInterrupted
 from fitune.phases import eval_batches, evaluate, generate, save_result
 from fitune.recipe import Recipe
-from fitune.session import Session, build_session
+from fitune.session import Session, build_session, resolve_device
 from fitune.step import train_step
 from fitune.trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from fitune.trainer.events import (
@@ -38,7 +42,7 @@ from fitune.trainer.events import (
 )
 from fitune.trainer.listeners import LogLines, MetricsFile, ProgressBar
 from fitune.trainer.oom import OutOfMemory, is_out_of_memory, oom_guard
-from fitune.trainer.runfolder import PLAN, RECIPE, RunMarker, prepare_run_folder, write_atomic
+from fitune.trainer.runfolder import PLAN, RECIPE, RunMarker, prepare_run_folder, resolve_dir, write_atomic
 from fitune.trainer.signals import Signals
 from fitune.trainer.trackers import trackers_for, where
 from fitune.version import __version__
@@ -54,11 +58,12 @@ def memory_in_use(device: torch.device) -> int:
         return 0
 
 
-def total_steps(recipe: Recipe, n_train: int) -> int:
+def total_steps(recipe: Recipe, n_train: int, ranks: int = 1) -> int:
+    """Optimizer steps of the run; a step takes ``train.grad_accum`` micro-batches on each of ``ranks``."""
     t = recipe.train
     if t.max_steps is not None:
         return t.max_steps
-    per_epoch = math.ceil(batches_per_epoch(n_train, t.batch_size) / t.grad_accum)
+    per_epoch = math.ceil(batches_per_epoch(n_train, t.batch_size) / (t.grad_accum * ranks))
     return max(1, math.ceil(per_epoch * (t.epochs or 1.0)))
 
 
@@ -87,13 +92,19 @@ def train(
             "data: the recipe has no data section; fix: add data.path (a JSONL file) or data.hub (a Hub dataset) to train"
         )
     trackers = trackers_for(recipe.train.report_to)  # a missing library refused before anything is written
-    bar = ProgressBar(progress)
-    listeners = Listeners(
-        [MetricsFile(), bar, LogLines(echo, with_steps=not bar.enabled), *trackers, *(callbacks or [])], echo
-    )
-    out = prepare_run_folder(recipe, overwrite, resume)
-    marker = RunMarker(out, resumed=resume)
-    if not resume:
+    world = launched()
+    if world.distributed:  # started by torchrun: join the other processes
+        world = world_start(resolve_device(recipe.hardware.device))
+        refuse_unsharded(recipe, resume)
+    if world.main:
+        bar = ProgressBar(progress)
+        mine = [MetricsFile(), bar, LogLines(echo, with_steps=not bar.enabled), *trackers]
+        listeners = Listeners([*mine, *(callbacks or [])], echo)
+    else:  # rank 0 alone records and shows the run
+        listeners = Listeners([], echo)
+    out = _folder(recipe, world, overwrite, resume)
+    marker = RunMarker(out, resumed=resume, writes=world.main)
+    if not resume and world.main:
         write_atomic(out / RECIPE, recipe.to_yaml())
 
     def end(status: str, phase: str, error=None, result: TrainResult | None = None, **fields) -> None:
@@ -109,7 +120,7 @@ def train(
             marker.write(status, phase=phase, error=message, checkpoint_step=ckpt)
         listeners.end(RunEnded(status, phase, out, message, ckpt, result))
 
-    with Signals(echo) as signals:
+    with Signals(echo if world.main else (lambda line: None), checkpoint=not world.distributed) as signals:
         try:
             result, saved = _run(recipe, out, marker, listeners, signals, max_steps, resume, progress, plan)
         except OutOfMemory as exc:
@@ -140,6 +151,24 @@ def train(
     return result
 
 
+def _folder(recipe, world, overwrite: bool, resume: bool) -> Path:
+    """The run folder, checked and prepared by rank 0; the other ranks learn whether it could be."""
+    if not world.distributed:
+        return prepare_run_folder(recipe, overwrite, resume)
+    failure = None
+    if world.main:
+        try:
+            out = prepare_run_folder(recipe, overwrite, resume)
+        except FituneError as exc:
+            failure = exc
+    said = broadcast_from_main(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if said is not None:
+        raise OtherRankFailed(said)
+    return out if world.main else resolve_dir(recipe)
+
+
 def _described(exc: RunInterrupted, out: Path) -> RunInterrupted:
     """The same interruption with a message saying what is on disk and how to go on."""
     found = find_checkpoint(out)
@@ -167,10 +196,13 @@ def _run(
     """The run's sequence; returns its result and the folder the final save wrote."""
     torch.manual_seed(recipe.train.seed)
     source, tokenizer, data = _model_and_data(recipe, marker, progress)
-    steps = max_steps or total_steps(recipe, len(data.train))
+    steps = max_steps or total_steps(recipe, len(data.train), world_current().size)
     marker.base["total_steps"] = steps  # for a view of the run while it trains
     marker.phase = "plan"
-    planned, why = _plan_file(recipe, out, plan)
+    if world_current().distributed:
+        planned, why = None, "plans per rank of a run over several processes are not made yet"
+    else:
+        planned, why = _plan_file(recipe, out, plan)
     marker.phase = "load"
     session = _build(recipe, steps, source, tokenizer)
     first_step, restore_rng = load_checkpoint(session, out) if resume else (0, lambda: None)
@@ -203,6 +235,8 @@ def _run(
         truncated_examples=data.truncated,
     )
     with oom_guard(session, "save"):
+        if session.ranks > 1:
+            return result, save_sharded_result(session, out)
         return result, save_result(session, out)
 
 
@@ -272,6 +306,14 @@ def _started(
     if no_plan is not None:
         notes.append(f"no plan.json: {no_plan}")
     notes += [where(name, out) for name in recipe.train.report_to]
+    ranks = world_current().size
+    if recipe.hardware.num_devices != ranks:
+        notes.append(
+            f"hardware.num_devices is {recipe.hardware.num_devices}, and this run has {ranks} process(es): "
+            "`fitune train --nproc N` (or torchrun) starts a process per device"
+        )
+    elif ranks > 1:
+        notes.append(f"sharded over {ranks} processes with FSDP2; rank 0 writes the run folder")
     return RunStarted(
         recipe=recipe,
         out=out,
@@ -333,7 +375,10 @@ def _steps(session, data, listeners, marker, signals, first_step, steps, restore
     t = session.recipe.train
     every = session.recipe.output.save_every
     it = iter(MicroBatches(data.train, t.batch_size, session.tokenizer.pad_token_id, t.seed))
-    for _ in range((first_step - 1) * t.grad_accum):  # the data a resumed run already saw
+    # several ranks: a step's micro-batches are dealt out, rank r taking every ranks-th from r on
+    ranks, rank = session.ranks, world_current().rank
+    per_step = t.grad_accum * ranks
+    for _ in range((first_step - 1) * per_step):  # the data a resumed run already saw
         next(it)
     losses: list[float] = []
     tokens, seconds = 0, 0.0
@@ -341,8 +386,9 @@ def _steps(session, data, listeners, marker, signals, first_step, steps, restore
     try:
         restore_rng()  # a resumed run draws on from where the checkpointed one stood
         for step in range(first_step, steps + 1):
-            group = [next(it) for _ in range(t.grad_accum)]
-            n_tok = sum(b.num_tokens for b in group)
+            dealt = [next(it) for _ in range(per_step)]
+            n_tok = sum(b.num_tokens for b in dealt)  # over every rank: the run's throughput
+            group = dealt[rank::ranks]
             lr = session.scheduler.get_last_lr()[0]  # the rate this step applies
             t0 = time.perf_counter()
             marker.phase = step_phase = "first_step" if step == first_step else "steady_step"
@@ -364,6 +410,10 @@ def _steps(session, data, listeners, marker, signals, first_step, steps, restore
             listeners.send("step_done", figures)
             # one look per step: a signal arriving after it stops the run after the next step
             stop = signals.pending if step != steps else None
+            if ranks > 1 and step != steps:  # every rank stops after the same step
+                stop = stop or ("SIGTERM" if any_rank(stop is not None, session.device) else None)
+                if stop:
+                    raise RunInterrupted(stop, step_phase, step)
             if (every and step % every == 0 or stop) and step != steps:
                 marker.phase = "checkpoint"
                 with oom_guard(session, "checkpoint", step):

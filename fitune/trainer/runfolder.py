@@ -156,9 +156,10 @@ class RunMarker:
     """The live marker of this run: ``running`` from the start; done, failed, interrupted or out_of_memory at
     the end."""
 
-    def __init__(self, out: Path, resumed: bool):
+    def __init__(self, out: Path, resumed: bool, writes: bool = True):
         self.out = out
         self.phase = "data"
+        self.writes = writes  # False on the ranks of a distributed run other than rank 0
         pid = os.getpid()
         self.base = {
             "fitune_version": __version__,
@@ -167,12 +168,14 @@ class RunMarker:
             "host": socket.gethostname(),
             "started": _now(),
         }
-        if resumed:
+        if resumed and writes:
             previous = read_marker(out) or {}
             self.base["resumed_from"] = previous.get("status")
         self.write("running")
 
     def write(self, status: str, **fields) -> None:
+        if not self.writes:
+            return
         body = {**self.base, "status": status, **fields}
         if status != "running":
             body["ended"] = _now()

@@ -12,8 +12,9 @@ class Signals:
     """SIGINT and SIGTERM while training: inside the steps, stop after the current one (``pending``);
     elsewhere, or at a second signal, at once. Installed from the main thread only (Python's rule)."""
 
-    def __init__(self, echo):
+    def __init__(self, echo, checkpoint: bool = True):
         self.echo = echo
+        self.checkpoint = checkpoint  # False where the run writes none (several processes)
         self.pending: str | None = None
         self.deferring = False
         self.previous: dict = {}
@@ -32,6 +33,7 @@ class Signals:
         name = signal.Signals(signum).name
         if self.deferring and self.pending is None:
             self.pending = name
-            self.echo(f"  {name}: stopping after this step with a checkpoint (send it again to stop at once)")
+            how = " with a checkpoint" if self.checkpoint else ""
+            self.echo(f"  {name}: stopping after this step{how} (send it again to stop at once)")
             return
         raise RunInterrupted(name, "")

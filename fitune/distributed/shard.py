@@ -1,0 +1,48 @@
+"""FSDP2 over a session's model: one function, called by the session builder for training and planning.
+
+The layout (as torchtitan and accelerate shard Llama-family models): every decoder layer is its own group,
+all-gathered for its forward and backward and freed in between; the input embeddings another; the final norm
+with the output head one more (with tied embeddings, embeddings, norm and head are one group, since they
+share a weight); then the decoder body as the root, whose forward fitune's step calls first. The head's
+group stays gathered from the norm's forward to the backward: the chunked loss reads the head's weight
+outside the head's own forward.
+
+Precision stays fitune's own: parameters are gathered in their storage dtype (no ``MixedPrecisionPolicy``),
+and autocast computes in the recipe's precision, exactly as on one device; LoRA adapters (fp32 or bf16) and
+the frozen base they adapt share their layer's group. Gradients are averaged over the ranks by the
+reduce-scatter; the loss is scaled so that the average is the gradient of the global token mean
+(``fitune.step``).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def _body(causal_lm: nn.Module) -> nn.Module:
+    return getattr(causal_lm, causal_lm.base_model_prefix)
+
+
+def shard_model(causal_lm: nn.Module, layers: list[nn.Module], mesh=None) -> None:
+    """Apply ``fully_shard`` to ``causal_lm`` (the transformers model inside a PeftModel, in place): each of
+    ``layers``, the embeddings, [final norm, head], then the body as the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"mesh": mesh} if mesh is not None else {}
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    body = _body(causal_lm)
+    embed = causal_lm.get_input_embeddings()
+    head = causal_lm.get_output_embeddings()
+    norm = getattr(body, "norm", None)
+    if norm is None:
+        norm = getattr(body, "final_layernorm", None)
+    tied = head is not None and head.weight is embed.weight
+    tail = [m for m in (norm, head) if m is not None]
+    if tied:
+        fully_shard([embed, *tail], reshard_after_forward=False, **kwargs)
+    else:
+        fully_shard(embed, **kwargs)
+        if tail:
+            fully_shard(tail, reshard_after_forward=False, **kwargs)
+    fully_shard(body, **kwargs)

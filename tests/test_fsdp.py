@@ -1,0 +1,261 @@
+"""Training over two processes (FSDP2 on gloo, launched by ``fitune train --nproc 2``) against one process.
+
+The reference is one process with twice the gradient accumulation: the same micro-batches make each optimizer
+step, so losses, gradient norms and weights must agree. SGD keeps the comparison honest: AdamW would hide a
+constant factor on the gradients (a sum over ranks instead of a mean). The embeddings have 261 rows, which two
+ranks cannot split evenly, and the micro-batches hold different numbers of target tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fitune.distributed.launch import ended
+from fitune.recipe import Recipe
+from fitune.trainer.run import train
+
+from .conftest import tiny_recipe
+
+STEPS = 3
+
+
+def _recipe(tmp_path: Path, kind: str, grad_accum: int, **train_fields) -> dict:
+    r = tiny_recipe(
+        tmp_path,
+        train={
+            "batch_size": 2,
+            "grad_accum": grad_accum,
+            "max_steps": STEPS,
+            "optimizer": "sgd",
+            "lr": 0.05,
+            **train_fields,
+        },
+    )
+    r["model"]["config"]["vocab_size"] = 261  # uneven rows over two ranks
+    r["method"] = {"kind": "full"} if kind == "full" else {"kind": kind, "r": 8, "alpha": 16}
+    r["samples"] = {"prompts": ["say 3"], "max_new_tokens": 3}
+    return r
+
+
+def _fitune(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """The fitune command in a fresh interpreter; a collective that waits for a rank gives up within a
+    minute, so a call made by one rank only fails the test instead of hanging it."""
+    env = {**os.environ, "FITUNE_COLLECTIVE_TIMEOUT_MIN": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "fitune", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _rows(run: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (run / name).read_text().splitlines() if line.strip()]
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    assert files, f"no weights in {folder}"
+    out = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.limits(mem_gib=6, timeout_s=300)
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_two_processes_train_as_one_process_does_over_the_same_global_batch(tmp_path, kind):
+    one = _recipe(tmp_path / "one", kind, grad_accum=2)
+    train(Recipe.model_validate(one), progress=False, echo=lambda line: None)
+
+    two = _recipe(tmp_path / "two", kind, grad_accum=1)
+    path = tmp_path / "two" / "recipe.yaml"
+    path.write_text(yaml.safe_dump(two))
+    done = _fitune("train", str(path), "--nproc", "2", "--no-progress", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "done: 3 steps" in done.stdout
+    assert done.stdout.count("eval loss before training") == 1  # rank 0 alone prints
+
+    a, b = Path(one["output"]["dir"]), Path(two["output"]["dir"])
+    steps_a, steps_b = _rows(a, "metrics.jsonl"), _rows(b, "metrics.jsonl")
+    assert [r["step"] for r in steps_b] == [1, 2, 3]  # one row per step: rank 0 alone writes
+    for ra, rb in zip(steps_a, steps_b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6)
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-5)  # a sum over ranks would double
+        assert rb["tokens"] == ra["tokens"]  # the run's throughput counts both ranks' tokens
+    evals_a, evals_b = _rows(a, "evals.jsonl"), _rows(b, "evals.jsonl")
+    assert [e["loss"] for e in evals_b] == pytest.approx([e["loss"] for e in evals_a], rel=1e-5)
+    assert json.loads((b / "fitune-run.json").read_text())["status"] == "done"
+
+    folder = "model" if kind == "full" else "adapter"
+    wa, wb = _weights(a / folder), _weights(b / folder)
+    assert set(wa) == set(wb)
+    for name in wa:
+        assert (wa[name] - wb[name]).abs().max().item() < 1e-5, name
+    if kind == "lora":  # a plain peft adapter
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        from fitune.models.sources import config_from_dict
+
+        base = AutoModelForCausalLM.from_config(config_from_dict(two["model"]["config"], where="tiny"))
+        model = PeftModel.from_pretrained(base, str(b / "adapter"))
+        assert sum(1 for n, _ in model.named_parameters() if "lora_" in n) == len(wb)
+
+
+@pytest.mark.limits(mem_gib=6, timeout_s=240)
+def test_a_process_that_dies_ends_the_run_naming_it_without_a_hang(tmp_path):
+    r = _recipe(tmp_path, "lora", grad_accum=1, max_steps=50)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(r))
+    # rank 1 exits in the middle of its second step, as a crashed process would
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import fitune.step as step\n"
+        "    real, calls = step.train_step, []\n"
+        "    def train_step(session, batches):\n"
+        "        calls.append(1)\n"
+        "        if len(calls) == 2:\n"
+        "            os._exit(7)\n"
+        "        return real(session, batches)\n"
+        "    step.train_step = train_step\n"
+    )
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])
+    try:
+        t0 = time.monotonic()
+        done = _fitune("train", str(path), "--nproc", "2", "--no-progress", cwd=tmp_path, timeout=200)
+        took = time.monotonic() - t0
+    finally:
+        os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
+    assert done.returncode == 7, done.stdout + done.stderr
+    assert "process 1 of 2 ended with exit code 7; the other processes were stopped" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert took < 150
+    marker = json.loads((Path(r["output"]["dir"]) / "fitune-run.json").read_text())
+    assert marker["status"] in ("failed", "running")  # rank 0 may be stopped before it writes its last word
+
+
+def test_a_killed_process_is_named_with_its_signal():
+    assert ended(1, 2, -9) == (
+        "process 1 of 2 was killed by SIGKILL (the system's out-of-memory killer, or a kill by hand)"
+    )
+    assert ended(0, 4, 3) == "process 0 of 4 ended with exit code 3"
+
+
+@pytest.mark.parametrize(
+    ("change", "flag", "words"),
+    [
+        ({"method": {"kind": "qlora"}}, [], "method.kind: qlora over several processes"),
+        ({"output": {"save_every": 2}}, [], "output.save_every: 2: checkpoints of a run over several"),
+    ],
+)
+def test_what_several_processes_do_not_do_yet_is_refused_before_launch(tmp_path, change, flag, words):
+    r = _recipe(tmp_path, "lora", grad_accum=1)
+    for key, value in change.items():
+        r[key] = {**r[key], **value}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(r))
+    done = _fitune("train", str(path), "--nproc", "2", *flag, cwd=tmp_path, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert words in done.stderr and "fix:" in done.stderr
+    assert not Path(r["output"]["dir"]).exists()  # nothing written
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.limits(mem_gib=6, timeout_s=300)
+@pytest.mark.parametrize("rendezvous", ["c10d", "static"])
+def test_two_nodes_on_one_machine_train_through_torchrun(tmp_path, rendezvous):
+    """Two torchrun agents of one process each, as on two machines: a c10d rendezvous (ranks assigned by
+    it), or static --node-rank with a master address."""
+    reference = _recipe(tmp_path / "ref", "lora", grad_accum=2)
+    train(Recipe.model_validate(reference), progress=False, echo=lambda line: None)
+    r = _recipe(tmp_path / "nodes", "lora", grad_accum=1)
+    path = tmp_path / "nodes" / "recipe.yaml"
+    path.write_text(yaml.safe_dump(r))
+    port = _free_port()
+    env = {**os.environ, "FITUNE_COLLECTIVE_TIMEOUT_MIN": "1", "OMP_NUM_THREADS": "1"}
+    runs = []
+    for node in (0, 1):
+        if rendezvous == "c10d":
+            where = [
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                "fitune-test",
+            ]
+        else:
+            where = ["--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port)]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+        command += [*where, "-m", "fitune", "train", str(path), "--no-progress"]
+        runs.append(
+            subprocess.Popen(
+                command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    outputs = [p.communicate(timeout=240)[0] for p in runs]
+    assert [p.returncode for p in runs] == [0, 0], "\n".join(outputs)
+    assert sum("done: 3 steps" in out for out in outputs) == 1  # the node of rank 0 reports
+    ref = _rows(Path(reference["output"]["dir"]), "metrics.jsonl")
+    got = _rows(Path(r["output"]["dir"]), "metrics.jsonl")
+    assert [g["loss"] for g in got] == pytest.approx([x["loss"] for x in ref], rel=1e-5)
+
+
+@pytest.mark.limits(mem_gib=6, timeout_s=240)
+def test_ctrl_c_stops_every_process_after_the_same_step(tmp_path):
+    import signal
+
+    r = _recipe(tmp_path, "lora", grad_accum=1, max_steps=100000)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(r))
+    run = Path(r["output"]["dir"])
+    env = {**os.environ, "FITUNE_COLLECTIVE_TIMEOUT_MIN": "1"}
+    command = [sys.executable, "-m", "fitune", "train", str(path), "--nproc", "2", "--no-progress"]
+    # a session of its own: Ctrl-C in a terminal reaches the launcher and both processes, as here
+    p = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 150
+        while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size):
+            assert time.monotonic() < deadline and p.poll() is None, "the run did not reach its first step"
+            time.sleep(0.2)
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130, out + err
+    assert err.count("error: interrupted by SIGINT after step") == 1, err  # rank 0 says it, once
+    assert "Traceback" not in err
+    marker = json.loads((run / "fitune-run.json").read_text())
+    assert (marker["status"], marker["signal"], marker["checkpoint_step"]) == ("interrupted", "SIGINT", None)
