@@ -229,7 +229,7 @@ CASES = {
     "qlora-fp32-compute": lambda t: (ctx({**QLORA, "train.precision": "fp32"}, A100()), ctx(QLORA, A100())),
     "qlora-fp32-weights": lambda t: (ctx({**QLORA, "model.dtype": "fp32"}, A100()), ctx(QLORA, A100())),
     "fsdp-torch-too-old": lambda t: (
-        ctx({"hardware.num_devices": 2}, A100(num_devices=2, torch_version="2.4.1+cu121")),
+        ctx({"hardware.num_devices": 2}, A100(num_devices=2, torch_version="2.8.0+cu128")),
         ctx({"hardware.num_devices": 2}, A100(num_devices=2)),
     ),
     "fsdp-8bit-optimizer": lambda t: (
@@ -237,8 +237,8 @@ CASES = {
         ctx({"hardware.num_devices": 1, "train.optimizer": "adamw8bit"}, A100(num_devices=2)),
     ),
     "qlora-fsdp-storage-dtype": lambda t: (
-        ctx({**QLORA, "hardware.num_devices": 2, "model.dtype": "fp16"}, A100(num_devices=2)),
-        ctx({**QLORA, "hardware.num_devices": 2, "model.dtype": "bf16"}, A100(num_devices=2)),
+        ctx({**QLORA, "hardware.num_devices": 2}, A100(num_devices=2, torch_version="2.11.0+cu128")),
+        ctx({**QLORA, "hardware.num_devices": 2}, A100(num_devices=2)),
     ),
     "lora-empty-targets": lambda t: (ctx({"method.targets": []}), ctx({"method.targets": ["q_proj"]})),
     "lora-targets-not-found": lambda t: (

@@ -1,7 +1,8 @@
 """Training over two processes (FSDP2 on gloo, launched by ``fitune train --nproc 2``) against one process.
 
 The reference is one process with twice the gradient accumulation: the same micro-batches make each optimizer
-step, so losses, gradient norms and weights must agree. SGD keeps the comparison honest: AdamW would hide a
+step, so losses, gradient norms and weights must agree (QLoRA's 4-bit weights sharded too: each process holds
+half of their bytes). SGD keeps the comparison honest: AdamW would hide a
 constant factor on the gradients (a sum over ranks instead of a mean). The embeddings have 261 rows, which two
 ranks cannot split evenly, and the micro-batches hold different numbers of target tokens.
 """
@@ -75,7 +76,7 @@ def _weights(folder: Path) -> dict:
 
 
 @pytest.mark.limits(mem_gib=6, timeout_s=300)
-@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("kind", ["lora", "qlora", "full"])
 def test_two_processes_train_as_one_process_does_over_the_same_global_batch(tmp_path, kind):
     one = _recipe(tmp_path / "one", kind, grad_accum=2)
     train(Recipe.model_validate(one), progress=False, echo=lambda line: None)
@@ -98,13 +99,14 @@ def test_two_processes_train_as_one_process_does_over_the_same_global_batch(tmp_
     evals_a, evals_b = _rows(a, "evals.jsonl"), _rows(b, "evals.jsonl")
     assert [e["loss"] for e in evals_b] == pytest.approx([e["loss"] for e in evals_a], rel=1e-5)
     assert json.loads((b / "fitune-run.json").read_text())["status"] == "done"
+    assert "sharded over 2 processes with FSDP2" in done.stdout
 
     folder = "model" if kind == "full" else "adapter"
     wa, wb = _weights(a / folder), _weights(b / folder)
     assert set(wa) == set(wb)
     for name in wa:
         assert (wa[name] - wb[name]).abs().max().item() < 1e-5, name
-    if kind == "lora":  # a plain peft adapter
+    if kind != "full":  # a plain peft adapter
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
@@ -160,7 +162,6 @@ def test_a_killed_process_is_named_with_its_signal():
 @pytest.mark.parametrize(
     ("change", "flag", "words"),
     [
-        ({"method": {"kind": "qlora"}}, [], "method.kind: qlora over several processes"),
         ({"output": {"save_every": 2}}, [], "output.save_every: 2: checkpoints of a run over several"),
     ],
 )
@@ -259,3 +260,33 @@ def test_ctrl_c_stops_every_process_after_the_same_step(tmp_path):
     assert "Traceback" not in err
     marker = json.loads((run / "fitune-run.json").read_text())
     assert (marker["status"], marker["signal"], marker["checkpoint_step"]) == ("interrupted", "SIGINT", None)
+
+
+def test_each_process_holds_its_share_of_the_4bit_weights(tmp_path):
+    """QLoRA's packed NF4 weights are sharded like any other: on 2 ranks each holds half of their bytes (a
+    fake process group stands for the other rank; fully_shard makes no collective while it shards)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from fitune.session import build_session
+
+    r = Recipe.model_validate(_recipe(tmp_path, "qlora", grad_accum=1))
+
+    def packed_bytes(session) -> int:
+        total = 0
+        for p in session.model.parameters():
+            local = p.to_local() if isinstance(p, DTensor) else p
+            if local.dtype == torch.uint8:
+                total += local.numel()
+        return total
+
+    whole = packed_bytes(build_session(r, with_tokenizer=False))
+    dist.init_process_group("fake", rank=1, world_size=2, store=FakeStore())
+    try:
+        sharded = build_session(r, with_tokenizer=False)
+        assert sharded.ranks == 2
+        assert whole > 0 and packed_bytes(sharded) == whole // 2
+    finally:
+        dist.destroy_process_group()

@@ -118,12 +118,7 @@ def refuse_unsharded(recipe, resume: bool = False) -> None:
     """What a run over several processes does not do yet, refused before anything is written (by rank 0 and
     the launcher in words; the other ranks stop quietly)."""
     problem = None
-    if recipe.method.kind == "qlora":
-        problem = (
-            "method.kind: qlora over several processes (hardware.num_devices > 1) is not supported yet; fix: "
-            "train QLoRA on one process, or use method.kind: lora with model.dtype: bf16 over several"
-        )
-    elif recipe.output.save_every or resume:
+    if recipe.output.save_every or resume:
         what = "--resume" if resume else f"output.save_every: {recipe.output.save_every}"
         problem = (
             f"{what}: checkpoints of a run over several processes (hardware.num_devices > 1) are not written "

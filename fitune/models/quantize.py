@@ -108,6 +108,9 @@ def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype, device: torch.dev
                     weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
                 )
                 q = q.to(device)  # quantizes here
+            # the module keeps the state too: sharding (FSDP2) swaps the weight for plain tensors, and
+            # Linear4bit.forward takes the state back from the module
+            q.quant_state = q.weight.quant_state
             setattr(parent, child_name, q)
             del child, weight
             count += 1

@@ -3,28 +3,33 @@
 from __future__ import annotations
 
 from fitune.preflight.readers import (
-    COMPUTE,
     bnb_optimizer,
     older,
     qlora,
-    settled_precision,
     sharded,
-    storage_like_compute,
 )
 from fitune.preflight.rule import Rule
-from fitune.preflight.sources import FSDP2_PUBLIC, G1_FSDP_QLORA, G6_FSDP_8BIT
+from fitune.preflight.sources import (
+    FSDP2_GRADIENT_SUM,
+    FSDP2_PUBLIC,
+    FSDP2_UINT8,
+    G1_FSDP_QLORA,
+    G6_FSDP_8BIT,
+)
 
 RULES: list[Rule] = [
     Rule(
         id="fsdp-torch-too-old",
         severity="error",
-        title="torch without public FSDP2 for a multi-device run",
-        applies=lambda c: sharded(c) and c.env is not None and older(c.env.torch_version, (2, 6)),
-        message="hardware.num_devices is {num_devices}, which shards with FSDP2 (fully_shard), public in "
-        "torch.distributed.fsdp only since torch 2.6; this is torch {torch}",
+        title="torch older than 2.9 for a run over several devices (FSDP2)",
+        applies=lambda c: sharded(c) and c.env is not None and older(c.env.torch_version, (2, 9)),
+        message="hardware.num_devices is {num_devices}, which shards the model with FSDP2 (fully_shard), and "
+        "this is torch {torch}: before 2.9 FSDP2 over gloo sums the ranks' gradients instead of averaging "
+        "them (2.7 and 2.8, silently: the step is num_devices times too large), and torch 2.6 cannot run an "
+        "FSDP2 forward on a CPU at all",
         fix=None,
-        fix_text="upgrade torch to 2.6 or newer, or set hardware.num_devices: 1",
-        source=FSDP2_PUBLIC,
+        fix_text="upgrade torch to 2.9 or newer, or set hardware.num_devices: 1",
+        source=FSDP2_GRADIENT_SUM + FSDP2_PUBLIC,
     ),
     Rule(
         id="fsdp-8bit-optimizer",
@@ -40,18 +45,16 @@ RULES: list[Rule] = [
     Rule(
         id="qlora-fsdp-storage-dtype",
         severity="error",
-        title="QLoRA under FSDP with weights and compute in different dtypes",
+        title="QLoRA over several devices on torch older than 2.12",
         applies=lambda c: (
-            qlora(c)
-            and sharded(c)
-            and c.recipe.train.precision != "bf16-pure"
-            and c.recipe.model.dtype != COMPUTE[settled_precision(c)]
+            qlora(c) and sharded(c) and c.env is not None and older(c.env.torch_version, (2, 12))
         ),
-        message="QLoRA on {num_devices} devices shards the 4-bit weights with FSDP, which needs their "
-        "storage to be one float dtype shared by every weight in a unit; model.dtype {dtype} differs from "
-        "the compute dtype {compute}, so units would mix dtypes and fail to flatten",
-        fix=storage_like_compute,
-        fix_text="store and compute in one type: model.dtype and train.precision {settled}",
-        source=G1_FSDP_QLORA,
+        message="QLoRA on {num_devices} devices shards the 4-bit weights with FSDP2; fitune stores them as "
+        "uint8 (FSDP2 would cast a float storage to the compute dtype and destroy the packed values), and "
+        "FSDP2 shards parameters that are not floats only from torch 2.12: on torch {torch} fully_shard "
+        "fails ('only Tensors of floating point dtype can require gradients')",
+        fix=None,
+        fix_text="upgrade torch to 2.12 or newer, or train QLoRA on one device (hardware.num_devices: 1)",
+        source=FSDP2_UINT8 + G1_FSDP_QLORA,
     ),
 ]
