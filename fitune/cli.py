@@ -73,7 +73,7 @@ def train(
     import os
 
     from fitune.distributed.launch import PREFLIGHT_DONE, launch
-    from fitune.distributed.world import launched, refuse_unsharded
+    from fitune.distributed.world import launched
     from fitune.libraries import prepare_libraries
     from fitune.trainer.oom import OutOfMemory
 
@@ -105,7 +105,6 @@ def train(
         else:
             the_plan = None
         if ranks > 1 and not world.distributed:
-            refuse_unsharded(r, resume)
             args = ["train", str(recipe), "--nproc", str(ranks)]
             args += ["--max-steps", str(max_steps)] if max_steps is not None else []
             args += ["--overwrite"] * overwrite + ["--resume"] * resume + ["--no-progress"] * no_progress

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fitune.errors import FituneError, OtherRankFailed
+from fitune.errors import FituneError
 
 # how long a collective may wait for a rank before the run fails instead of hanging (torchrun also ends the
 # other ranks when one exits)
@@ -112,17 +112,3 @@ def broadcast_from_main(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def refuse_unsharded(recipe, resume: bool = False) -> None:
-    """What a run over several processes does not do yet, refused before anything is written (by rank 0 and
-    the launcher in words; the other ranks stop quietly)."""
-    problem = None
-    if recipe.output.save_every or resume:
-        what = "--resume" if resume else f"output.save_every: {recipe.output.save_every}"
-        problem = (
-            f"{what}: checkpoints of a run over several processes (hardware.num_devices > 1) are not written "
-            "yet, only its final adapter or model; fix: drop it (and --resume), or train on one process"
-        )
-    if problem is not None:
-        raise FituneError(problem) if current().main else OtherRankFailed(problem)

@@ -28,6 +28,7 @@ import torch
 CHECKPOINT = "checkpoint"
 OLD = ".checkpoint-old"
 RNG_FILE = "rng.safetensors"
+SHARDED = "sharded"  # a checkpoint of several processes: torch.distributed.checkpoint's files
 
 
 def _fsync(path: Path) -> None:
@@ -100,34 +101,57 @@ def set_rng_states(tensors: dict[str, torch.Tensor], plain: dict) -> None:
         np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(session, out: Path, step: int) -> Path:
+def save_checkpoint(session, out: Path, step: int, micro_batches: int | None = None) -> Path:
+    """The checkpoint of ``step``; ``micro_batches``: how many the run has taken (recorded when given)."""
     from safetensors.torch import save_file
 
     target = out / CHECKPOINT
-    for stale in out.glob(".checkpoint-tmp-*"):  # left by a crash while writing
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".checkpoint-tmp-"))
+    tmp = new_temporary(out)
     try:
         weights, optimizer, scheduler = checkpoint_state(session)
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer, "scheduler": scheduler}, tmp / "optimizer.pt")
         rng_tensors, rng_plain = rng_states()
         save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / RNG_FILE))
-        (tmp / "state.json").write_text(json.dumps({"step": step, "rng": rng_plain}))
-        for name in ("trainable.safetensors", "optimizer.pt", RNG_FILE, "state.json", "."):
-            _fsync(tmp / name)
-        old = out / OLD
-        if _step_of(target) is not None:
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)  # the complete checkpoint stays on disk, as .checkpoint-old
-        else:
-            shutil.rmtree(target, ignore_errors=True)  # an incomplete one is worth nothing
-        tmp.rename(target)
-        _fsync(out)
-        shutil.rmtree(old, ignore_errors=True)
+        state = {"step": step, "rng": rng_plain}
+        if micro_batches is not None:
+            state["micro_batches"] = micro_batches
+        (tmp / "state.json").write_text(json.dumps(state))
+        swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def new_temporary(out: Path) -> Path:
+    """A fresh folder in ``out`` to write a checkpoint into; those left by a crash while writing go."""
+    for stale in out.glob(".checkpoint-tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=out, prefix=".checkpoint-tmp-"))
+
+
+def swap_in(tmp: Path, out: Path) -> None:
+    """Make the written checkpoint in ``tmp`` (``state.json`` last) the one in ``out``: every file fsynced,
+    the complete previous one kept as ``.checkpoint-old`` until the new one has its name."""
+    for path in sorted(tmp.rglob("*"), key=lambda p: p.name == "state.json"):
+        _fsync(path)
+    _fsync(tmp)
+    target, old = out / CHECKPOINT, out / OLD
+    if _step_of(target) is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)  # the complete checkpoint stays on disk, as .checkpoint-old
+    else:
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete one is worth nothing
+    tmp.rename(target)
+    _fsync(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def micro_batches_seen(folder: Path, per_step: int) -> int:
+    """Micro-batches the run had taken at the checkpoint in ``folder``: recorded since runs over several
+    processes (a resume on another number of them takes another number per step); else step x per_step."""
+    saved = json.loads((folder / "state.json").read_text())
+    return int(saved.get("micro_batches", saved["step"] * per_step))
 
 
 def load_checkpoint(session, out: Path) -> tuple[int, Callable[[], None]]:
@@ -145,6 +169,16 @@ def load_checkpoint(session, out: Path) -> tuple[int, Callable[[], None]]:
             "or start again with --overwrite"
         )
     folder, step = found
+    if (folder / SHARDED).is_dir():
+        raise RunFolderError(  # the run reads these through fitune.trainer.sharded_checkpoint
+            f"--resume: the checkpoint in {folder} was written by several processes; fix: resume it with "
+            "`fitune train --resume` (any number of processes)"
+        )
+    if session.ranks > 1:
+        raise RunFolderError(
+            f"--resume: the checkpoint in {folder} was written by one process, and this run has "
+            f"{session.ranks}; fix: resume it on one process (without --nproc), or start again with --overwrite"
+        )
     weights = load_file(str(folder / "trainable.safetensors"))
     params = dict(session.trainable_parameters)
     missing = set(params) - set(weights)

@@ -20,7 +20,7 @@ from fitune.data.batching import MicroBatches, batches_per_epoch
 from fitune.data.dataset import TokenizedData, data_files, load_dataset
 from fitune.data.scan import byte_progress, length_advice
 from fitune.distributed.save import save_sharded_result
-from fitune.distributed.world import any_rank, broadcast_from_main, launched, refuse_unsharded
+from fitune.distributed.world import any_rank, broadcast_from_main, launched
 from fitune.distributed.world import current as world_current
 from fitune.distributed.world import start as world_start
 from fitune.errors import FituneError, OtherRankFailed, RunInterrupted
@@ -28,7 +28,7 @@ from fitune.phases import eval_batches, evaluate, generate, save_result
 from fitune.recipe import Recipe
 from fitune.session import Session, build_session, resolve_device
 from fitune.step import train_step
-from fitune.trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from fitune.trainer.checkpoint import find_checkpoint, load_checkpoint, micro_batches_seen, save_checkpoint
 from fitune.trainer.events import (
     CheckpointWritten,
     EvalDone,
@@ -43,6 +43,7 @@ from fitune.trainer.events import (
 from fitune.trainer.listeners import LogLines, MetricsFile, ProgressBar
 from fitune.trainer.oom import OutOfMemory, is_out_of_memory, oom_guard
 from fitune.trainer.runfolder import PLAN, RECIPE, RunMarker, prepare_run_folder, resolve_dir, write_atomic
+from fitune.trainer.sharded_checkpoint import is_sharded, load_sharded_checkpoint, save_sharded_checkpoint
 from fitune.trainer.signals import Signals
 from fitune.trainer.trackers import trackers_for, where
 from fitune.version import __version__
@@ -95,7 +96,6 @@ def train(
     world = launched()
     if world.distributed:  # started by torchrun: join the other processes
         world = world_start(resolve_device(recipe.hardware.device))
-        refuse_unsharded(recipe, resume)
     if world.main:
         bar = ProgressBar(progress)
         mine = [MetricsFile(), bar, LogLines(echo, with_steps=not bar.enabled), *trackers]
@@ -120,7 +120,7 @@ def train(
             marker.write(status, phase=phase, error=message, checkpoint_step=ckpt)
         listeners.end(RunEnded(status, phase, out, message, ckpt, result))
 
-    with Signals(echo if world.main else (lambda line: None), checkpoint=not world.distributed) as signals:
+    with Signals(echo if world.main else (lambda line: None)) as signals:
         try:
             result, saved = _run(recipe, out, marker, listeners, signals, max_steps, resume, progress, plan)
         except OutOfMemory as exc:
@@ -205,7 +205,10 @@ def _run(
         planned, why = _plan_file(recipe, out, plan)
     marker.phase = "load"
     session = _build(recipe, steps, source, tokenizer)
-    first_step, restore_rng = load_checkpoint(session, out) if resume else (0, lambda: None)
+    first_step, restore_rng = (0, lambda: None)
+    if resume:
+        load = load_sharded_checkpoint if is_sharded(out) else load_checkpoint
+        first_step, restore_rng = load(session, out)
     first_step += 1
     started = _started(recipe, out, steps, first_step, source, session, data, planned, why)
     listeners.send("run_started", started)
@@ -378,7 +381,9 @@ def _steps(session, data, listeners, marker, signals, first_step, steps, restore
     # several ranks: a step's micro-batches are dealt out, rank r taking every ranks-th from r on
     ranks, rank = session.ranks, world_current().rank
     per_step = t.grad_accum * ranks
-    for _ in range((first_step - 1) * per_step):  # the data a resumed run already saw
+    found = find_checkpoint(marker.out) if first_step > 1 else None
+    taken = micro_batches_seen(found[0], per_step) if found is not None else 0
+    for _ in range(taken):  # the data a resumed run already saw
         next(it)
     losses: list[float] = []
     tokens, seconds = 0, 0.0
@@ -387,6 +392,7 @@ def _steps(session, data, listeners, marker, signals, first_step, steps, restore
         restore_rng()  # a resumed run draws on from where the checkpointed one stood
         for step in range(first_step, steps + 1):
             dealt = [next(it) for _ in range(per_step)]
+            taken += per_step
             n_tok = sum(b.num_tokens for b in dealt)  # over every rank: the run's throughput
             group = dealt[rank::ranks]
             lr = session.scheduler.get_last_lr()[0]  # the rate this step applies
@@ -412,12 +418,13 @@ def _steps(session, data, listeners, marker, signals, first_step, steps, restore
             stop = signals.pending if step != steps else None
             if ranks > 1 and step != steps:  # every rank stops after the same step
                 stop = stop or ("SIGTERM" if any_rank(stop is not None, session.device) else None)
-                if stop:
-                    raise RunInterrupted(stop, step_phase, step)
             if (every and step % every == 0 or stop) and step != steps:
                 marker.phase = "checkpoint"
                 with oom_guard(session, "checkpoint", step):
-                    path = save_checkpoint(session, out=marker.out, step=step)
+                    if ranks > 1:
+                        path = save_sharded_checkpoint(session, marker.out, step, taken)
+                    else:
+                        path = save_checkpoint(session, out=marker.out, step=step, micro_batches=taken)
                 listeners.send("checkpoint_written", CheckpointWritten(step, path))
             if stop:
                 raise RunInterrupted(stop, step_phase, step)

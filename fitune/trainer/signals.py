@@ -12,9 +12,8 @@ class Signals:
     """SIGINT and SIGTERM while training: inside the steps, stop after the current one (``pending``);
     elsewhere, or at a second signal, at once. Installed from the main thread only (Python's rule)."""
 
-    def __init__(self, echo, checkpoint: bool = True):
+    def __init__(self, echo):
         self.echo = echo
-        self.checkpoint = checkpoint  # False where the run writes none (several processes)
         self.pending: str | None = None
         self.deferring = False
         self.previous: dict = {}
@@ -33,7 +32,6 @@ class Signals:
         name = signal.Signals(signum).name
         if self.deferring and self.pending is None:
             self.pending = name
-            how = " with a checkpoint" if self.checkpoint else ""
-            self.echo(f"  {name}: stopping after this step{how} (send it again to stop at once)")
+            self.echo(f"  {name}: stopping after this step with a checkpoint (send it again to stop at once)")
             return
         raise RunInterrupted(name, "")
