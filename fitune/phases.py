@@ -7,14 +7,16 @@ planned peak. They sit below both, beside the one train step.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from fitune.data.batching import Batch, collate
-from fitune.data.dataset import Example
-from fitune.step import eval_loss
+from fitune.data.dataset import IGNORE, Example
+from fitune.distributed.world import all_sum
+from fitune.step import eval_loss, eval_sums
 
 # a prompt's tokens beyond its UTF-8 bytes when no tokenizer is at hand: room for a chat template's wrapping
 TEMPLATE_TOKENS_BOUND = 64
@@ -31,6 +33,29 @@ def evaluate(session, batches) -> float | None:
     there are none."""
     loss = eval_loss(session, batches)
     return None if loss is None else float(loss)
+
+
+def evaluate_share(session, examples: list[Example], batch_size: int, pad_id: int, rank: int) -> float | None:
+    """The eval pass of a run over ``session.ranks`` processes: each evaluates every ranks-th micro-batch and
+    the sums are added up, so the loss is the one process's. Every rank makes as many passes (FSDP2 gathers
+    the weights for each): one with fewer batches runs a batch whose tokens all count for nothing."""
+    ranks = session.ranks
+    starts = list(range(0, len(examples), batch_size))
+    if not starts:
+        return None
+    mine = starts[rank::ranks]
+    passes = -(-len(starts) // ranks)
+
+    def batches() -> Iterator[Batch]:
+        for i in mine:
+            yield collate(examples[i : i + batch_size], pad_id)
+        for _ in range(passes - len(mine)):
+            filler = collate(examples[:batch_size], pad_id)
+            yield dataclasses.replace(filler, targets_BT=torch.full_like(filler.targets_BT, IGNORE))
+
+    total, count = eval_sums(session, batches())
+    total, count = all_sum(total), all_sum(count)
+    return float(total / count.clamp(min=1))
 
 
 def prompt_ids(tok, prompt: str) -> torch.Tensor:

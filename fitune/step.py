@@ -154,6 +154,13 @@ def eval_loss(session, batches: Iterable[Batch]) -> torch.Tensor | None:
     """Mean token loss over ``batches`` without gradients (None when there are none), through the same loss,
     attention, lean and offload settings as training; like training, each micro-batch moves to the device
     only for its own pass, so ``batches`` may collate lazily."""
+    total, count = eval_sums(session, batches)
+    return None if total is None else total / count.clamp(min=1)
+
+
+@torch.no_grad()
+def eval_sums(session, batches: Iterable[Batch]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The summed token loss over ``batches`` and the number of target tokens (None, None without any)."""
     total = count = None
     with session.evaluating():
         for batch in batches:
@@ -163,4 +170,4 @@ def eval_loss(session, batches: Iterable[Batch]) -> torch.Tensor | None:
             total = loss_sum if total is None else total + loss_sum
             count = n if count is None else count + n
             del batch, loss_sum
-    return None if total is None else total / count.clamp(min=1)
+    return total, count

@@ -124,6 +124,7 @@ def test_two_processes_train_as_one_process_does_over_the_same_global_batch(tmp_
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6)
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-5)  # a sum over ranks would double
         assert rb["tokens"] == ra["tokens"]  # the run's throughput counts both ranks' tokens
+    # 5 eval examples in micro-batches of 2: rank 0 takes two, rank 1 one and a pass whose tokens count nothing
     evals_a, evals_b = _rows(a, "evals.jsonl"), _rows(b, "evals.jsonl")
     assert [e["loss"] for e in evals_b] == pytest.approx([e["loss"] for e in evals_a], rel=1e-5)
     assert json.loads((b / "fitune-run.json").read_text())["status"] == "done"

@@ -24,7 +24,7 @@ from fitune.distributed.world import any_rank, broadcast_from_main, launched
 from fitune.distributed.world import current as world_current
 from fitune.distributed.world import start as world_start
 from fitune.errors import FituneError, OtherRankFailed, RunInterrupted
-from fitune.phases import eval_batches, evaluate, generate, save_result
+from fitune.phases import eval_batches, evaluate, evaluate_share, generate, save_result
 from fitune.recipe import Recipe
 from fitune.session import Session, build_session, resolve_device
 from fitune.step import train_step
@@ -347,8 +347,12 @@ def _eval(session, data, listeners, marker, step: int, when: str, losses: dict[i
     """Eval loss over the eval split in micro-batches of ``train.batch_size``; None without an eval split."""
     marker.phase = "eval"
     pad_id = session.tokenizer.pad_token_id
+    size = session.recipe.train.batch_size
     with oom_guard(session, "eval", step):
-        loss = evaluate(session, eval_batches(data.eval, session.recipe.train.batch_size, pad_id))
+        if session.ranks > 1:  # the eval split dealt out over the processes
+            loss = evaluate_share(session, data.eval, size, pad_id, world_current().rank)
+        else:
+            loss = evaluate(session, eval_batches(data.eval, size, pad_id))
     if loss is not None:
         losses[step] = loss
         listeners.send("eval_done", EvalDone(step, loss, when))
