@@ -79,11 +79,13 @@ def start(device: torch.device) -> World:
     return current()
 
 
-def stop() -> None:
-    """Leave the process group (at the end of a distributed run)."""
+def finish() -> None:
+    """The end of a distributed run: wait for every rank, then leave the process group, so that the ranks
+    exit together and torchrun's agents (one per machine, one of them holding the rendezvous) close in turn."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

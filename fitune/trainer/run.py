@@ -22,6 +22,7 @@ from fitune.data.scan import byte_progress, length_advice
 from fitune.distributed.save import save_sharded_result
 from fitune.distributed.world import any_rank, broadcast_from_main, launched
 from fitune.distributed.world import current as world_current
+from fitune.distributed.world import finish as world_finish
 from fitune.distributed.world import start as world_start
 from fitune.errors import FituneError, OtherRankFailed, RunInterrupted
 from fitune.phases import eval_batches, evaluate, evaluate_share, generate, save_result
@@ -148,6 +149,8 @@ def train(
         truncated_examples=result.truncated_examples,
         result=result,
     )
+    if world.distributed:  # every rank leaves together: no process outlives the others' agents
+        world_finish()
     return result
 
 
