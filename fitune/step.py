@@ -90,14 +90,18 @@ def token_loss_sum(session, hidden_BTD: torch.Tensor, targets_BT: torch.Tensor) 
     return total
 
 
+def _targets(batches: list[Batch]) -> torch.Tensor:
+    return sum((b.targets_BT != IGNORE).sum() for b in batches)
+
+
 def count_targets(batches: list[Batch]) -> torch.Tensor:
     """Target tokens over all micro-batches of a step: the one loss normaliser (a tensor, never synced)."""
-    return sum((b.targets_BT != IGNORE).sum() for b in batches).clamp(min=1)
+    return _targets(batches).clamp(min=1)
 
 
 def global_targets(batches: list[Batch], device: torch.device) -> torch.Tensor:
     """Target tokens of the step over every rank's micro-batches."""
-    return all_sum(sum((b.targets_BT != IGNORE).sum() for b in batches).to(device)).clamp(min=1)
+    return all_sum(_targets(batches).to(device)).clamp(min=1)
 
 
 def micro_batch_loss(session, batch: Batch, n_targets: torch.Tensor) -> torch.Tensor:

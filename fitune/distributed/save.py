@@ -10,15 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fitune.distributed.world import current
+from fitune.distributed.world import barrier, current
 
 
-def gathered_state(session) -> dict:
-    """The trained weights as whole tensors in host memory on rank 0 (empty on the other ranks)."""
+def gathered_state(module, full: bool) -> dict:
+    """The trained weights of ``module`` (all of them for a ``full`` fine-tune, else the trainable ones) as
+    whole tensors in host memory on rank 0 (empty on the other ranks)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = session.recipe.method.kind == "full"
-    module = session.causal_lm if full else session.model
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not full)
     state = get_model_state_dict(module, options=options)
     # a tied weight (embeddings and head) is one parameter under two names, gathered into two copies: keep
@@ -32,15 +31,13 @@ def gathered_state(session) -> dict:
 
 def save_sharded_result(session, out: Path) -> Path:
     """The final save of a run over several processes; returns the folder rank 0 wrote."""
-    import torch.distributed as dist
-
-    state = gathered_state(session)  # a collective: every rank calls it
     full = session.recipe.method.kind == "full"
+    module = session.causal_lm if full else session.model
+    state = gathered_state(module, full)  # a collective: every rank calls it
     target = out / ("model" if full else "adapter")
     if current().main:
-        module = session.causal_lm if full else session.model
         module.save_pretrained(str(target), state_dict=state, safe_serialization=True)
         if session.tokenizer is not None:
             session.tokenizer.save_pretrained(str(target))
-    dist.barrier()  # the folder is whole before any rank goes on
+    barrier()  # the folder is whole before any rank goes on
     return target

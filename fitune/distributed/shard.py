@@ -1,4 +1,4 @@
-"""FSDP2 over a session's model: one function, called by the session builder for training and planning.
+"""FSDP2 over a session's model: one function, called by the session builder when a run has several ranks.
 
 The layout (as torchtitan and accelerate shard Llama-family models): every decoder layer is its own group,
 all-gathered for its forward and backward and freed in between; the input embeddings another; the final norm

@@ -44,11 +44,17 @@ def launched() -> World:
     )
 
 
-def current() -> World:
-    """This process's place in the run: from the process group once it is up, else from the environment."""
+def _joined():
+    """``torch.distributed`` once this process has joined a process group, else None."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def current() -> World:
+    """This process's place in the run: from the process group once it is up, else from the environment."""
+    dist = _joined()
+    if dist is not None:
         return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return launched()
 
@@ -79,21 +85,26 @@ def start(device: torch.device) -> World:
     return current()
 
 
+def barrier() -> None:
+    """Wait until every rank is here (nothing on one process)."""
+    dist = _joined()
+    if dist is not None:
+        dist.barrier()
+
+
 def finish() -> None:
     """The end of a distributed run: wait for every rank, then leave the process group, so that the ranks
     exit together and torchrun's agents (one per machine, one of them holding the rendezvous) close in turn."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    dist = _joined()
+    if dist is not None:
         dist.barrier()
         dist.destroy_process_group()
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
     """``t`` summed over the ranks, in place (unchanged on one process)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    dist = _joined()
+    if dist is not None and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
@@ -107,9 +118,8 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 def broadcast_from_main(value):
     """Rank 0's ``value`` on every rank (a picklable object of fitune's own: a path, a status)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    dist = _joined()
+    if dist is None or dist.get_world_size() == 1:
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)

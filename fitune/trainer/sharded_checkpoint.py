@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fitune.distributed.world import broadcast_from_main, current
+from fitune.distributed.world import barrier, broadcast_from_main, current
 from fitune.trainer.checkpoint import (
     CHECKPOINT,
     SHARDED,
@@ -49,13 +49,6 @@ def _state(session) -> dict:
     return {"model": model, "optim": optim}
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def save_sharded_checkpoint(session, out: Path, step: int, micro_batches: int) -> Path:
     """The checkpoint of ``step``, every rank writing its part (a collective: every rank calls it)."""
     import torch.distributed.checkpoint as dcp
@@ -68,13 +61,13 @@ def save_sharded_checkpoint(session, out: Path, step: int, micro_batches: int) -
         tensors, plain = rng_states()
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"rng-{world.rank}.safetensors"))
         (tmp / f"rng-{world.rank}.json").write_text(json.dumps(plain))
-        _barrier()  # every rank's files are written
+        barrier()  # every rank's files are written
         if world.main:
             torch.save({"scheduler": session.scheduler.state_dict()}, tmp / "scheduler.pt")
             state = {"step": step, "processes": world.size, "micro_batches": micro_batches}
             (tmp / "state.json").write_text(json.dumps(state))
             swap_in(tmp, out)
-        _barrier()  # the new checkpoint has its name before any rank goes on
+        barrier()  # the new checkpoint has its name before any rank goes on
     finally:
         if world.main:
             shutil.rmtree(tmp, ignore_errors=True)
