@@ -105,6 +105,10 @@ def train(
         else:
             the_plan = None
         if ranks > 1 and not world.distributed:
+            from fitune.trainer.runfolder import prepare_run_folder
+
+            # a folder the run cannot use is said before any process starts (rank 0 checks it again)
+            prepare_run_folder(r, overwrite, resume)
             args = ["train", str(recipe), "--nproc", str(ranks)]
             args += ["--max-steps", str(max_steps)] if max_steps is not None else []
             args += ["--overwrite"] * overwrite + ["--resume"] * resume + ["--no-progress"] * no_progress

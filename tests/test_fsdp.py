@@ -129,6 +129,9 @@ def test_two_processes_train_as_one_process_does_over_the_same_global_batch(tmp_
     assert [e["loss"] for e in evals_b] == pytest.approx([e["loss"] for e in evals_a], rel=1e-5)
     assert json.loads((b / "fitune-run.json").read_text())["status"] == "done"
     assert "sharded over 2 processes with FSDP2" in done.stdout
+    again = _fitune("train", str(path), "--nproc", "2", cwd=tmp_path)  # the folder is refused before launch
+    assert again.returncode == 1 and "already holds a finished run" in again.stderr
+    assert "process 0 of 2" not in again.stderr and "Traceback" not in again.stderr
 
     folder = "model" if kind == "full" else "adapter"
     wa, wb = _weights(a / folder), _weights(b / folder)
