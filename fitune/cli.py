@@ -72,7 +72,7 @@ def train(
     """Train a recipe and save the adapter (or model), metrics and the resolved recipe."""
     import os
 
-    from fitune.distributed.launch import PREFLIGHT_DONE, launch
+    from fitune.distributed.launch import PREFLIGHT_DONE, launch, launched_plan
     from fitune.distributed.world import launched
     from fitune.libraries import prepare_libraries
     from fitune.trainer.oom import OutOfMemory
@@ -91,10 +91,13 @@ def train(
             r = r.updated({"hardware.num_devices": ranks})
         if ranks == 1 or (world.main and not os.environ.get(PREFLIGHT_DONE)):
             env = environment_for(r, training=True)
-            # a sharded run's plan is per rank, which fitune does not make yet: its memory is not checked
-            the_plan, _ = plan_for(r, env) if ranks == 1 else (None, None)
+            the_plan, _ = plan_for(r, env)  # a sharded run's: one process's
             peak = the_plan.peak_bytes if the_plan is not None else None
-            findings = run_doctor(r, env=env, planned_peak_bytes=peak, training=True, with_plan=ranks == 1)
+            if (
+                peak is not None and env.device_type == "cpu"
+            ):  # the processes on this machine share its memory
+                peak *= int(os.environ.get("LOCAL_WORLD_SIZE", ranks))
+            findings = run_doctor(r, env=env, planned_peak_bytes=peak, training=True)
             if findings:
                 _print_findings(findings)
             if any(f.severity == "error" for f in findings) and not force:
@@ -103,7 +106,7 @@ def train(
                 )
                 raise typer.Exit(EXIT_DOCTOR)
         else:
-            the_plan = None
+            the_plan = launched_plan() if world.main else None
         if ranks > 1 and not world.distributed:
             from fitune.trainer.runfolder import prepare_run_folder
 
@@ -112,7 +115,7 @@ def train(
             args = ["train", str(recipe), "--nproc", str(ranks)]
             args += ["--max-steps", str(max_steps)] if max_steps is not None else []
             args += ["--overwrite"] * overwrite + ["--resume"] * resume + ["--no-progress"] * no_progress
-            raise typer.Exit(launch(ranks, args))
+            raise typer.Exit(launch(ranks, args, the_plan))
 
         result = run_train(
             r,
@@ -161,8 +164,11 @@ def _print_plan(p, recipe) -> None:
 
     target = p.gpu or p.device
     console.print(
-        f"[bold]plan[/] {recipe.method.kind} of {recipe.model.source or 'inline config'} on {target}: "
-        f"peak [bold]{human_bytes(p.peak_bytes)}[/] in {p.peak_phase} ({p.num_layers} layers; traced "
+        f"[bold]plan[/] {recipe.method.kind} of {recipe.model.source or 'inline config'} on {target}"
+        + (f", sharded over {p.ranks} processes" if p.ranks > 1 else "")
+        + f": peak [bold]{human_bytes(p.peak_bytes)}[/]"
+        + (" per process" if p.ranks > 1 else "")
+        + f" in {p.peak_phase} ({p.num_layers} layers; traced "
         f"{' and '.join(map(str, p.traced_layers))}; {p.seconds:.1f} s)",
         highlight=False,
     )
@@ -332,6 +338,13 @@ def plan(
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Plan this sequence length."),
     write: Optional[Path] = typer.Option(None, help="Write the chosen configuration as a recipe here."),
     report: Optional[Path] = typer.Option(None, help="Write an HTML report with memory charts here."),
+    nproc: Optional[int] = typer.Option(
+        None,
+        "--nproc",
+        min=1,
+        help="Plan the run sharded over this many processes (FSDP2, as `fitune train --nproc`): the figures "
+        "are one process's (default: hardware.num_devices).",
+    ),
 ) -> None:
     """Predict peak memory before loading a weight; with --gpu/--budget, find the fastest configuration
     that fits."""
@@ -343,6 +356,8 @@ def plan(
     prepare_libraries()
     try:
         r, from_model = _plan_base(recipe, seq_len)
+        if nproc is not None:
+            r = r.updated({"hardware.num_devices": nproc})
         searching = search if search is not None else bool(gpu or budget is not None or from_model)
         if not searching:
             if gpu:

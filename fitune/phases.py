@@ -15,6 +15,7 @@ import torch
 
 from fitune.data.batching import Batch, collate
 from fitune.data.dataset import IGNORE, Example
+from fitune.distributed.save import gathered_state, save_sharded_result
 from fitune.distributed.world import all_sum
 from fitune.step import eval_loss, eval_sums
 
@@ -124,14 +125,21 @@ def saved_state(session) -> dict[str, torch.Tensor]:
     """The tensors the final save writes, gathered as ``save_pretrained`` gathers them: the model's state dict
     for a full fine-tune, the adapter's weights (the trainable parameters peft's adapter state dict holds)
     otherwise. The planner traces this; the file writing reads values. Not traced: the few hundred bytes per
-    quantized layer bitsandbytes packs its quantization state into when peft walks the whole state dict."""
-    if session.recipe.method.kind == "full":
+    quantized layer bitsandbytes packs its quantization state into when peft walks the whole state dict.
+    Sharded: the whole trained weights gathered into host memory (``fitune.distributed.save``)."""
+    full = session.recipe.method.kind == "full"
+    if session.ranks > 1:
+        return gathered_state(session.causal_lm if full else session.model, full)
+    if full:
         return {k: v.contiguous() for k, v in session.causal_lm.state_dict().items()}
     return {n: p.detach().contiguous() for n, p in session.trainable_parameters}
 
 
 def save_result(session, out: Path) -> Path:
-    """The final save: the adapter (peft ``save_pretrained``) or, for a full fine-tune, the whole model."""
+    """The final save: the adapter (peft ``save_pretrained``) or, for a full fine-tune, the whole model;
+    gathered to rank 0 when the model is sharded."""
+    if session.ranks > 1:
+        return save_sharded_result(session, out)
     recipe = session.recipe
     if recipe.method.kind == "full":
         target = out / "model"

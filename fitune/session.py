@@ -516,8 +516,13 @@ def build_session(
     source: sources.ResolvedSource | None = None,
     with_tokenizer: bool = True,
     host_staging=None,
+    mesh=None,
 ) -> Session:
     """Build everything a training step needs. With ``fake=True`` no weights or tokenizer are read.
+
+    ``mesh`` (a plan of a sharded run, under a fake process group): the device mesh to shard over, built
+    before the fake tensor mode was entered (``fitune.memory.simulate``); a run on several ranks shards over
+    its process group.
 
     ``host_staging`` (planning for a GPU) is a context factory that marks host-memory work: QLoRA stages the
     full-precision model on the host and only its quantized layers reach the device; with
@@ -566,8 +571,9 @@ def build_session(
             lambda: causal_lm.get_output_embeddings() is head,
         )
     world = current_world()
-    if world.distributed and not fake:
-        shard_model(causal_lm, _decoder_layers(causal_lm))
+    sharded = world.distributed and (mesh is not None or not fake)
+    if sharded:
+        shard_model(causal_lm, _decoder_layers(causal_lm), mesh=mesh)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(recipe, params, fake=fake)
     steps = total_steps or recipe.train.max_steps or 1
@@ -599,7 +605,7 @@ def build_session(
         derived=derived,
         installed=installed,
         grad_norm=torch.zeros((), dtype=torch.float32, device=device),
-        ranks=world.size if world.distributed and not fake else 1,
+        ranks=world.size if sharded else 1,
     )
     session.set_training(True)
     return session

@@ -129,6 +129,8 @@ def test_two_processes_train_as_one_process_does_over_the_same_global_batch(tmp_
     assert [e["loss"] for e in evals_b] == pytest.approx([e["loss"] for e in evals_a], rel=1e-5)
     assert json.loads((b / "fitune-run.json").read_text())["status"] == "done"
     assert "sharded over 2 processes with FSDP2" in done.stdout
+    plan = json.loads((b / "plan.json").read_text())  # the launcher's plan of one process, kept by rank 0
+    assert plan["ranks"] == 2 and plan["phase_breakdowns"]["steady_step"]["gathered_weights"] > 0
     again = _fitune("train", str(path), "--nproc", "2", cwd=tmp_path)  # the folder is refused before launch
     assert again.returncode == 1 and "already holds a finished run" in again.stderr
     assert "process 0 of 2" not in again.stderr and "Traceback" not in again.stderr

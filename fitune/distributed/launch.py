@@ -17,6 +17,23 @@ import uuid
 from fitune.errors import FituneError
 
 PREFLIGHT_DONE = "FITUNE_PREFLIGHT_DONE"  # set for the launched processes: the launcher checked the recipe
+PLAN_FILE = "FITUNE_PLAN_FILE"  # the launcher's plan of one process, which rank 0 keeps in the run folder
+
+
+def launched_plan():
+    """The plan the launcher made for this run (None when it made none, or outside a launch)."""
+    path = os.environ.get(PLAN_FILE)
+    if not path:
+        return None
+    import json
+
+    from fitune.planner.plan import Plan
+
+    try:
+        with open(path) as f:
+            return Plan(**json.load(f))
+    except (OSError, ValueError, TypeError):  # the launcher's file is gone or foreign: plan.json says why
+        return None
 
 
 def threads_per_process(nproc: int) -> int:
@@ -36,9 +53,13 @@ def ended(rank: int, nproc: int, exitcode: int) -> str:
     return f"process {rank} of {nproc} was killed by {name}{why}"
 
 
-def launch(nproc: int, args: list[str]) -> int:
+def launch(nproc: int, args: list[str], plan=None) -> int:
     """Run ``python -m fitune *args`` in ``nproc`` processes; returns the exit code of the run (the first
-    failing process's code, 0 when every process ended well). Why a process failed it printed itself."""
+    failing process's code, 0 when every process ended well). Why a process failed it printed itself.
+    ``plan`` (one process's) is handed to the processes in a temporary file."""
+    import json
+    import tempfile
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -59,6 +80,11 @@ def launch(nproc: int, args: list[str]) -> int:
     )
     os.environ[PREFLIGHT_DONE] = "1"
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(nproc)))
+    plan_file = None
+    if plan is not None:
+        with tempfile.NamedTemporaryFile("w", prefix="fitune-plan-", suffix=".json", delete=False) as f:
+            json.dump(plan.to_dict(), f)
+        plan_file = os.environ[PLAN_FILE] = f.name
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "fitune", *args)
     except ChildFailedError as exc:
@@ -74,4 +100,7 @@ def launch(nproc: int, args: list[str]) -> int:
         ) from None
     finally:
         os.environ.pop(PREFLIGHT_DONE, None)
+        if plan_file is not None:
+            os.environ.pop(PLAN_FILE, None)
+            os.unlink(plan_file)
     return 0

@@ -19,6 +19,15 @@ from __future__ import annotations
 from torch import nn
 
 
+def _state_onto_gathered_weight(module: nn.Module, _args) -> None:
+    """A 4-bit layer's forward reads its quantization state from its weight; the weight FSDP2 gathers is a
+    new tensor without it, so it is given the state the layer keeps (``fitune.models.quantize``). bitsandbytes
+    would otherwise wrap the gathered weight in a parameter subclass of its own at every forward."""
+    weight = module.weight
+    if getattr(weight, "quant_state", None) is None:
+        weight.quant_state = module.quant_state
+
+
 def _body(causal_lm: nn.Module) -> nn.Module:
     return getattr(causal_lm, causal_lm.base_model_prefix)
 
@@ -29,6 +38,9 @@ def shard_model(causal_lm: nn.Module, layers: list[nn.Module], mesh=None) -> Non
     from torch.distributed.fsdp import fully_shard
 
     kwargs = {"mesh": mesh} if mesh is not None else {}
+    for module in causal_lm.modules():
+        if getattr(module, "quant_state", None) is not None and hasattr(module, "weight"):
+            module.register_forward_pre_hook(_state_onto_gathered_weight)
     for layer in layers:
         fully_shard(layer, **kwargs)
     body = _body(causal_lm)

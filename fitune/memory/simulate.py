@@ -20,6 +20,7 @@ from fitune.errors import FituneError, PlanError
 AFTER_OPTIMIZER = "after_optimizer"  # the part of a step after its optimizer step (see simulate)
 PHASES = ("load", "first_step", "steady_step", "eval", "samples", "checkpoint", "save")
 STEP_PHASES = ("first_step", "steady_step")
+GATHERED_RESULT = "gathered_result"  # host memory: a sharded run's trained weights gathered for the save
 
 
 @dataclass
@@ -94,6 +95,29 @@ def _fake_params_move_in_place():
 
 
 @contextlib.contextmanager
+def _fake_world(ranks: int):
+    """Rank 0 of ``ranks`` processes, in this one: a fake process group (its collectives move nothing) and
+    the device mesh the session shards over, built before the fake tensor mode is entered (building it reads
+    values). Yields the mesh, or None for one process."""
+    if ranks <= 1:
+        yield None
+        return
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise PlanError(
+            "a sharded run cannot be planned inside a distributed run; fix: plan it before launch"
+        )
+    dist.init_process_group("fake", rank=0, world_size=ranks, store=FakeStore())
+    try:
+        yield init_device_mesh("cpu", (ranks,))
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
 def _allocator_phase(allocator, name: str, out: dict):
     """Per-phase peaks of an allocator model, as torch.cuda.reset_peak_memory_stats gives them."""
     if allocator is None:
@@ -126,6 +150,7 @@ def simulate(
     steps: bool = True,
     kernel_scratch=None,
     steady_step_in_full: bool = False,
+    ranks: int = 1,
 ) -> Simulation:
     """Run the load, the first training step and the later phases of ``recipe`` on fake tensors, and take
     the steady step from the first; ``num_layers`` overrides the depth.
@@ -157,14 +182,28 @@ def simulate(
     src.weights_dir = None
     t = recipe.train
     tracker = MemoryTracker(
-        round_bytes=round_bytes or (lambda n: n), allocator=allocator, kernel_scratch=kernel_scratch
+        round_bytes=round_bytes or (lambda n: n),
+        allocator=allocator,
+        kernel_scratch=kernel_scratch,
+        collective_copies=ranks > 1 and host_is_device,  # gloo, between CPUs
     )
     absent: dict[str, str] = {}
     notes: list[str] = []
+    if ranks > 1:
+        notes.append(
+            f"sharded over {ranks} processes with FSDP2: every figure is one process's; each process loads the "
+            "whole model before it shards it, so the load's peak does not shrink with more processes"
+        )
+        notes.append(
+            "gloo copies every collective's buffer: counted as a second buffer for as long as FSDP2 holds its own"
+            if host_is_device
+            else "NCCL's own communication buffers (outside PyTorch's allocator) are not counted"
+        )
     alloc_peaks: dict[str, tuple[int, int]] = {}
     start = time.perf_counter()
     try:
         with (
+            _fake_world(ranks) as mesh,
             FakeTensorMode(allow_non_fake_inputs=True),
             _fitune_never_packs(),
             _fake_params_move_in_place(),
@@ -178,6 +217,7 @@ def simulate(
                     source=src,
                     with_tokenizer=False,
                     host_staging=None if host_is_device else tracker.off_device,
+                    mesh=mesh,
                 )
             tracker.register_model(session.model)
             tracker.register_optimizer(session.optimizer)
@@ -199,7 +239,14 @@ def simulate(
                 if replay is not None:  # the steady step on the allocator model, after the first
                     alloc_peaks["steady_step"] = replay()
             for phase, run in _other_phases(recipe, session, src, absent, notes).items() if steps else ():
-                with tracker.phase(phase), _allocator_phase(allocator, phase, alloc_peaks):
+                # a sharded run's save gathers the result into host memory, tensor by tensor; on a GPU that is
+                # not the device's (on a CPU it is)
+                gathered = phase == "save" and ranks > 1 and not host_is_device
+                with (
+                    tracker.phase(phase),
+                    _allocator_phase(allocator, phase, alloc_peaks),
+                    tracker.off_device(GATHERED_RESULT) if gathered else contextlib.nullcontext(),
+                ):
                     run()
     except FituneError:  # a user error the session builder names with its fix (PlanError included)
         raise

@@ -11,11 +11,17 @@ The same code runs on real CPU tensors and inside `FakeTensorMode` (enter the tr
 fake mode, so it sees ops before the fake mode computes them). What it cannot see, on either:
 allocations made inside one kernel and freed before it returns (scratch buffers, dtype casts of
 operands), Python numbers wrapped as 0-dim tensors, and allocations that bypass the dispatcher
-(`torch.from_numpy`, `UntypedStorage.resize_`, `torch.get_rng_state()`, tensors made before the
-tracker and not registered). Measured against `measure_cpu.py` on two steps of the test models:
+(`torch.from_numpy`, `torch.get_rng_state()`, tensors made before the tracker and not registered).
+`UntypedStorage.resize_` bypasses it too, and FSDP2 frees and re-gathers its weights with it: while
+tracking, the tracker wraps it and counts the storage's new size. Measured against `measure_cpu.py` on two steps of the test models:
 0 B apart for a 2-layer Llama, 12 B of 1.55 MB for an MLP (one wrapped float, one cast inside
 `aten.div`); with `torch.utils.checkpoint`, 5,056 B (the CPU RNG state it saves, host memory) per
 checkpointed call alive at the peak.
+
+A sharded model (FSDP2) adds three categories: the whole weights of the groups gathered now (each FSDP2
+module's parameters as its forward starts, and storages first seen growing through `resize_`), and the
+flat buffers its all-gathers fill and its reduce-scatters read (by the collective op). The model's own
+parameters are then this rank's shards, and its gradients the shards the reduce-scatter leaves.
 
 Categories: parameters and buffers by identity (`register_model`), gradients through
 post-accumulate-grad hooks, optimizer state from `optimizer.state` after each step, activations
@@ -35,7 +41,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from enum import Enum
-from functools import partial
+from functools import partial, partialmethod
 from typing import Any
 
 import torch
@@ -55,6 +61,10 @@ class Category(str, Enum):
     TEMPORARIES = "temporaries"
     QUANT_STATE = "quant_state"  # bitsandbytes absmax / code / SCB next to a quantized weight
     OTHER = "other"  # registered through `register_tensors`
+    # a sharded model (FSDP2): the weights and gradients above are this rank's shards; these are the rest
+    GATHERED_WEIGHTS = "gathered_weights"  # whole parameters of the groups all-gathered now
+    ALL_GATHER = "all_gather_buffers"  # a group's flat buffer an all-gather fills
+    REDUCE_SCATTER = "reduce_scatter_buffers"  # a group's whole gradients, flat, as they are reduce-scattered
 
 
 # A storage is re-categorised only towards a higher rank, unless the caller knows by identity.
@@ -62,7 +72,11 @@ _RANK = {
     Category.TEMPORARIES: 0,
     Category.OTHER: 0,
     Category.ACTIVATIONS: 1,
+    Category.ALL_GATHER: 1,
+    Category.REDUCE_SCATTER: 1,
     Category.GRADIENTS: 2,
+    # an all-gathered weight the forward saves for backward is a weight, not an activation
+    Category.GATHERED_WEIGHTS: 3,
     Category.OPTIMIZER_STATE: 3,
     Category.QUANT_STATE: 3,
     Category.FROZEN_WEIGHTS: 4,
@@ -72,6 +86,37 @@ _RANK = {
 # `torch.tensor(...)` allocates outside the dispatcher and then passes its result through
 # `lift_fresh`, whose schema says "returns its input": the allocation is new all the same.
 _FRESH = {torch.ops.aten.lift_fresh.default}
+
+
+def _collective_buffers() -> dict[Any, tuple[int, Category]]:
+    """FSDP2's collectives: op -> (the argument holding the group's flat buffer, its category)."""
+    c10d = getattr(torch.ops, "c10d", None)
+    try:
+        return {
+            c10d._allgather_base_.default: (0, Category.ALL_GATHER),  # (output, input shard)
+            c10d._reduce_scatter_base_.default: (1, Category.REDUCE_SCATTER),  # (output shard, input)
+        }
+    except (AttributeError, RuntimeError):  # a torch built without distributed
+        return {}
+
+
+def _sharded_module_type() -> type | None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return None
+    return FSDPModule
+
+
+def _group_parameters(module: nn.Module, sharded: type) -> Iterator[torch.Tensor]:
+    """The parameters of ``module``'s FSDP2 group: its own and its submodules', those of nested groups left
+    out."""
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        yield from m.parameters(recurse=False)
+        stack.extend(c for c in m.children() if not isinstance(c, sharded))
+
 
 # fake tensors answer device queries through the dispatcher; they allocate nothing
 _DEVICE_QUERY = torch.ops.prim.device.default
@@ -196,9 +241,16 @@ class MemoryTracker(TorchDispatchMode):
         max_timeline_points: int = 4096,
         allocator: Any = None,
         kernel_scratch: Callable[[Any, tuple, dict], int] | None = None,
+        collective_copies: bool = False,
     ) -> None:
         super().__init__()
         self.round_bytes = round_bytes
+        # gloo (collectives between CPUs) copies each collective's buffer, out of the dispatcher's sight: an
+        # all-gather into a flat output of its own, a reduce-scatter by reducing a clone of the whole input;
+        # counted as a second buffer of the same size alive as long as the one FSDP2 holds (a bound: gloo
+        # frees its copy when the collective completes on its worker thread)
+        self.collective_copies = collective_copies
+        self._copies: dict[int, tuple[object, weakref.ref]] = {}
         # optional model of the bytes a kernel allocates and frees inside one op, which no dispatcher-level
         # trace sees: (func, args, kwargs) -> bytes (``DeviceModel.kernel_scratch``), live for that op alone
         self.kernel_scratch = kernel_scratch
@@ -240,6 +292,9 @@ class MemoryTracker(TorchDispatchMode):
         self._handles: list[Any] = []
         self._saved_hooks: Any = None
         self._depth = 0
+        self._collectives: dict[Any, tuple[int, Category]] = {}
+        self._sharded_type: type | None = None
+        self._resize: Any = None
 
     # ------------------------------------------------------------------ registration
 
@@ -392,6 +447,10 @@ class MemoryTracker(TorchDispatchMode):
                     self._install_optimizer_hooks(opt)
             self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda x: x)
             self._saved_hooks.__enter__()
+            self._collectives = _collective_buffers()
+            self._sharded_type = _sharded_module_type()
+            self._resize = torch.UntypedStorage.resize_
+            torch.UntypedStorage.resize_ = partialmethod(MemoryTracker._tracked_resize_of, self)
         self._depth += 1
         _ACTIVE.append(self)
         super().__enter__()
@@ -404,6 +463,7 @@ class MemoryTracker(TorchDispatchMode):
         if self._depth == 0:
             self._saved_hooks.__exit__(*exc)
             self._saved_hooks = None
+            torch.UntypedStorage.resize_ = self._resize
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()
@@ -428,6 +488,11 @@ class MemoryTracker(TorchDispatchMode):
             raise
         if self._off_device and self._host_category is None:
             return out
+        buffer = self._collectives.get(func)
+        if buffer is not None:
+            self._categorize(args[buffer[0]], buffer[1])
+            if self.collective_copies:
+                self._copy_alongside(args[buffer[0]], buffer[1])
         returns = func._schema.returns
         if not returns:
             pairs: Any = ()
@@ -490,15 +555,59 @@ class MemoryTracker(TorchDispatchMode):
         for st in _storages(t):
             rec = self._lookup(st)
             if rec is not None:
-                nb = self._rounded(st)
-                if nb != rec.nbytes:  # resize_ grew or shrank the allocation
-                    self._move(rec.category, nb - rec.nbytes)
-                    rec.nbytes = nb
-                    if self.allocator is not None:
-                        self.allocator.free(id(rec))
-                        self.allocator.malloc(id(rec), nb)
+                self._resized(rec, self._rounded(st))  # resize_ may have grown or shrunk the allocation
             elif not aliased:
                 self._add(st, Category.TEMPORARIES)
+
+    def _copy_alongside(self, t: torch.Tensor, category: Category) -> None:
+        for st in _storages(t):
+            nb = self._rounded(st)
+            if not nb:
+                continue
+            key = object()
+            self._move(category, nb)
+            if self.allocator is not None:
+                self.allocator.malloc(id(key), nb)
+
+            def freed(_ref, key=key, nb=nb, category=category):
+                self._copies.pop(id(key), None)
+                self._move(category, -nb)
+                if self.allocator is not None:
+                    self.allocator.free(id(key))
+
+            self._copies[id(key)] = (key, weakref.ref(st, freed))
+
+    @staticmethod
+    def _tracked_resize_of(st: torch.UntypedStorage, tracker: MemoryTracker, size: int):
+        return tracker._tracked_resize(st, size)
+
+    def _tracked_resize(self, st: torch.UntypedStorage, size: int):
+        """``UntypedStorage.resize_`` while tracking: FSDP2 frees a gathered parameter by resizing its storage
+        to nothing and allocates it again by resizing it back, outside the dispatcher."""
+        out = self._resize(st, size)
+        if self._off_device:
+            return out
+        rec = self._lookup(st)
+        if rec is None:
+            self._add(st, Category.GATHERED_WEIGHTS)  # nothing when it is empty
+        else:
+            self._resized(rec, self._rounded(st))
+        self._note("UntypedStorage.resize_")
+        return out
+
+    def _resized(self, rec: _Storage, nb: int) -> None:
+        """A counted storage now holds ``nb`` bytes (0: freed, its record kept for when it grows again)."""
+        if nb == rec.nbytes:
+            return
+        self._move(rec.category, nb - rec.nbytes)
+        if self.allocator is not None:
+            if rec.nbytes:
+                self.allocator.free(id(rec))
+            if nb:
+                self.allocator.malloc(id(rec), nb)
+        rec.nbytes = nb
+        if nb:  # allocated again from here on
+            rec.alloc_event = self._event
 
     def _lookup(self, st: torch.UntypedStorage) -> _Storage | None:
         rec = self._records.get(id(st))
@@ -647,7 +756,11 @@ class MemoryTracker(TorchDispatchMode):
             if p.requires_grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
 
-    def _enter_module(self, name: str, _mod: nn.Module, _args: Any) -> None:
+    def _enter_module(self, name: str, mod: nn.Module, _args: Any) -> None:
+        if self._sharded_type is not None and isinstance(mod, self._sharded_type):
+            # FSDP2's own pre-forward hook ran first: the module's group is gathered now
+            for p in _group_parameters(mod, self._sharded_type):
+                self._categorize(p, Category.GATHERED_WEIGHTS, add_missing=False)
         self._module_stack.append((name, torch._C._autograd._get_sequence_nr()))
 
     def _exit_module(self, name: str, _mod: nn.Module, _args: Any, _out: Any) -> None:

@@ -51,6 +51,9 @@ class Plan:
     attention: str = ""  # the kernel training uses on the target and why, and the one traced if it differs
     # phase -> category -> bytes at that phase's own peak (the OOM guard compares a failed phase with it)
     phase_breakdowns: dict[str, dict[str, int]] = field(default_factory=dict)
+    # processes the model is sharded over (FSDP2): every figure above is one rank's (rank 0's, which also
+    # gathers the result at the save; the others hold the same shards)
+    ranks: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,6 +94,7 @@ def traced_runs(
     # layers checkpointed by a pattern (every_N) repeat with it; a list of layers is traced in full
     period = math.lcm(layer_period(source.config), checkpoint_period(recipe, num_layers))
     on_host = device_model.kind == "cpu"
+    ranks = recipe.hardware.num_devices
 
     def run(n: int, steps: bool = True) -> Simulation:
         return simulate(
@@ -102,13 +106,14 @@ def traced_runs(
             host_is_device=on_host,
             steps=steps,
             kernel_scratch=device_model.kernel_scratch,
+            ranks=ranks,
         )
 
     if warm_up:
         # the load alone is enough: plans of 18 configurations (3 architectures x full / LoRA / QLoRA x CPU /
         # CUDA target, with eval, samples and checkpoints) came out equal to the byte with a full warm-up
         small = recipe.updated({"train.batch_size": 1, "train.seq_len": 8, "train.grad_accum": 1})
-        simulate(small, source=source, num_layers=period, host_is_device=on_host, steps=False)
+        simulate(small, source=source, num_layers=period, host_is_device=on_host, steps=False, ranks=ranks)
     if full_trace or num_layers <= FULL_TRACE_MAX_LAYERS or num_layers % period or 2 * period > num_layers:
         return [run(num_layers)], 0.0
     # two and three layer groups: the first group's load differs from the others (embeddings are
@@ -205,7 +210,8 @@ def _read_until(fd: int, deadline: float) -> bytes | None:
 
 
 def plan(recipe, *, full_trace: bool = False) -> Plan:
-    """Predict the memory of ``recipe`` on its target (``hardware.device``) without loading a weight."""
+    """Predict the memory of ``recipe`` on its target (``hardware.device``) without loading a weight; with
+    ``hardware.num_devices`` > 1, the memory of one of the processes the model is sharded over."""
     from fitune.memory.devices import device_model
     from fitune.models import sources
     from fitune.techniques.attention import plan_line
@@ -289,6 +295,7 @@ def plan(recipe, *, full_trace: bool = False) -> Plan:
         absent=dict(b.absent),
         attention=plan_line(recipe, source.config, target["env"]),
         phase_breakdowns={ph: {c: v for c, v in sorted(bd.items()) if v} for ph, bd in breakdowns.items()},
+        ranks=recipe.hardware.num_devices,
     )
 
 

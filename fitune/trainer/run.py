@@ -19,7 +19,6 @@ import torch
 from fitune.data.batching import MicroBatches, batches_per_epoch
 from fitune.data.dataset import TokenizedData, data_files, load_dataset
 from fitune.data.scan import byte_progress, length_advice
-from fitune.distributed.save import save_sharded_result
 from fitune.distributed.world import any_rank, broadcast_from_main, launched
 from fitune.distributed.world import current as world_current
 from fitune.distributed.world import finish as world_finish
@@ -202,8 +201,11 @@ def _run(
     steps = max_steps or total_steps(recipe, len(data.train), world_current().size)
     marker.base["total_steps"] = steps  # for a view of the run while it trains
     marker.phase = "plan"
-    if world_current().distributed:
-        planned, why = None, "plans per rank of a run over several processes are not made yet"
+    if world_current().distributed:  # planning needs a process group of its own: the caller planned it
+        if plan is not None and world_current().main:
+            planned, why = _plan_file(recipe, out, plan)
+        else:
+            planned, why = None, "a run over several processes is planned before it starts (`fitune train`)"
     else:
         planned, why = _plan_file(recipe, out, plan)
     marker.phase = "load"
@@ -241,8 +243,6 @@ def _run(
         truncated_examples=data.truncated,
     )
     with oom_guard(session, "save"):
-        if session.ranks > 1:
-            return result, save_sharded_result(session, out)
         return result, save_result(session, out)
 
 
