@@ -160,6 +160,25 @@ def build_model(
     return model
 
 
+STAGED_MODEL = (
+    "staged_model"  # host memory: a sharded run's model before it moves to the GPUs, group by group
+)
+
+
+def _adapt(recipe: Recipe, model: nn.Module, device: torch.device, cpu_target: bool, installed: Installed):
+    """The training method and the techniques that change the model's modules, on ``device``: checkpointing,
+    the adapters or 4-bit layers, and the CPU attention kernel. Returns the model (a PeftModel for adapters)."""
+    if recipe.train.gradient_checkpointing:
+        apply_checkpointing(recipe, model, installed)
+    model = apply_method(recipe, model, device, installed)
+    if cpu_target:
+        # torch's fused attention kernels are built for GPUs; on a CPU the blocked one trains faster; a plan for
+        # a GPU keeps the SDPA the GPU will run
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        attention.install(causal_lm, installed)
+    return model
+
+
 def streams_weights(recipe: Recipe, config) -> bool:
     """Whether QLoRA builds this model on the meta device and reads its tensors one at a time. Custom model
     code, and checkpoints that transformers converts while loading (merged expert tensors), load whole."""
@@ -540,20 +559,24 @@ def build_session(
     notes: list[str] = []
     # training or planning for a CPU: a plan for a GPU runs fake tensors on the CPU with host_staging given
     cpu_target = device.type == "cpu" and host_staging is None
-    stage = recipe.method.kind == "qlora"  # full-precision weights wait in host memory until quantized
-    with host_staging() if (stage and host_staging is not None) else contextlib.nullcontext():
+    world = current_world()
+    sharded = world.distributed and (mesh is not None or not fake)
+    # a sharded run on GPUs prepares its whole model in host memory, and each group moves to the GPU as it is
+    # sharded: a GPU holds its shards and one group at a time (on CPUs, host memory is the device's)
+    shard_from_host = sharded and not cpu_target
+    stage = recipe.method.kind == "qlora" or shard_from_host  # weights wait in host memory
+    installed = Installed()
+    # a plan for GPUs counts the staged model as host memory each process needs while it loads
+    staging = host_staging(STAGED_MODEL if shard_from_host else None) if host_staging is not None else None
+    with staging if (stage and staging is not None) else contextlib.nullcontext():
         model = build_model(
             recipe, source, device, fake=fake, stage_on_host=stage, cpu_target=cpu_target, notes=notes
         )
-    installed = Installed()
-    if recipe.train.gradient_checkpointing:
-        apply_checkpointing(recipe, model, installed)
-    model = apply_method(recipe, model, device, installed)
+        if shard_from_host:
+            model = _adapt(recipe, model, torch.device("cpu"), cpu_target, installed)
+    if not shard_from_host:
+        model = _adapt(recipe, model, device, cpu_target, installed)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if cpu_target:
-        # torch's fused attention kernels are built for GPUs; on a CPU the blocked one trains faster; a plan for
-        # a GPU keeps the SDPA the GPU will run
-        attention.install(causal_lm, installed)
     derived = None
     if recipe.train.lean_activations:
         derived = lean.Derived()
@@ -570,10 +593,8 @@ def build_session(
             type(causal_lm).__name__,
             lambda: causal_lm.get_output_embeddings() is head,
         )
-    world = current_world()
-    sharded = world.distributed and (mesh is not None or not fake)
     if sharded:
-        shard_model(causal_lm, _decoder_layers(causal_lm), mesh=mesh)
+        shard_model(causal_lm, _decoder_layers(causal_lm), mesh=mesh, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(recipe, params, fake=fake)
     steps = total_steps or recipe.train.max_steps or 1

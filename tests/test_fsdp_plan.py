@@ -107,3 +107,21 @@ def test_a_sharded_plan_of_a_deep_model_equals_its_full_trace(kind):
     assert short.traced_layers == [2, 3] and full.traced_layers == [9]
     assert short.phases == full.phases
     assert short.breakdown == full.breakdown
+
+
+def test_a_sharded_plan_for_gpus_moves_the_model_to_each_gpu_group_by_group():
+    """On GPUs the model is prepared in host memory and each group reaches its GPU as it is sharded, so a GPU
+    holds its shards (and one group at a time) from the load on; the host memory each process needs for it is
+    said apart."""
+    plans = {}
+    for ranks in (1, 2, 4):
+        body = _recipe("qlora", ranks)
+        body["model"]["config"]["num_hidden_layers"] = 4
+        body["hardware"]["device"] = "rtx-4090"
+        plans[ranks] = fitune.plan(Recipe.from_dict(body))
+    frozen = {n: p.phase_breakdowns["load"].get("frozen_weights", 0) for n, p in plans.items()}
+    assert frozen[4] < frozen[2] < frozen[1]
+    assert plans[4].phases["load"] < plans[2].phases["load"] < plans[1].phases["load"]
+    assert "staged_model" in plans[2].host and "staged_model" not in plans[1].host
+    assert plans[2].host["staged_model"] == pytest.approx(plans[4].host["staged_model"], rel=0.01)
+    assert any("one group at a time" in n for n in plans[2].notes)

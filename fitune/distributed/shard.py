@@ -32,9 +32,11 @@ def _body(causal_lm: nn.Module) -> nn.Module:
     return getattr(causal_lm, causal_lm.base_model_prefix)
 
 
-def shard_model(causal_lm: nn.Module, layers: list[nn.Module], mesh=None) -> None:
+def shard_model(causal_lm: nn.Module, layers: list[nn.Module], mesh=None, device=None) -> None:
     """Apply ``fully_shard`` to ``causal_lm`` (the transformers model inside a PeftModel, in place): each of
-    ``layers``, the embeddings, [final norm, head], then the body as the root."""
+    ``layers``, the embeddings, [final norm, head], then the body as the root. A model in host memory moves
+    to the mesh's device group by group as it is sharded; ``device`` is where the rest goes: the 4-bit
+    layers' quantization state, which is no parameter."""
     from torch.distributed.fsdp import fully_shard
 
     kwargs = {"mesh": mesh} if mesh is not None else {}
@@ -58,3 +60,8 @@ def shard_model(causal_lm: nn.Module, layers: list[nn.Module], mesh=None) -> Non
         if tail:
             fully_shard(tail, reshard_after_forward=False, **kwargs)
     fully_shard(body, **kwargs)
+    if device is not None and device.type != "cpu":
+        for module in causal_lm.modules():
+            state = getattr(module, "quant_state", None)
+            if state is not None:
+                state.to(device)  # in place

@@ -191,8 +191,14 @@ def simulate(
     notes: list[str] = []
     if ranks > 1:
         notes.append(
-            f"sharded over {ranks} processes with FSDP2: every figure is one process's; each process loads the "
-            "whole model before it shards it, so the load's peak does not shrink with more processes"
+            f"sharded over {ranks} processes with FSDP2: every figure is one process's; "
+            + (
+                "each process builds the whole model before it shards it, so the load's peak does not shrink "
+                "with more processes"
+                if host_is_device
+                else "each process prepares the whole model in host memory (staged_model) and moves it to its "
+                "GPU one group at a time as it shards it"
+            )
         )
         notes.append(
             "gloo copies every collective's buffer: counted as a second buffer for as long as FSDP2 holds its own"

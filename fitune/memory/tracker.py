@@ -319,6 +319,10 @@ class MemoryTracker(TorchDispatchMode):
                 self._categorize(q, Category.QUANT_STATE)
         for b in model.buffers():
             self._categorize(b, Category.FROZEN_WEIGHTS, force=True)
+        for mod in names:  # a sharded 4-bit layer keeps its quantization state on the module, not the shard
+            if getattr(mod, "quant_state", None) is not None:
+                for q in _quant_state_tensors(mod):
+                    self._categorize(q, Category.QUANT_STATE)
         self._models.append(weakref.ref(model))
         if self._depth:
             self._install_model_hooks(model)
@@ -630,7 +634,12 @@ class MemoryTracker(TorchDispatchMode):
             self.allocator.malloc(id(rec), nb)
 
     def _add_host(self, t: torch.Tensor, category: str) -> None:
+        if t.device.type == "meta":  # shape-only placeholders own no memory
+            return
         for st in _storages(t):
+            known = self._host_refs.get(id(st))
+            if known is not None and known() is st:  # counted already (an op that hands its input back)
+                continue
             nb = int(st.nbytes())
             self._host_refs[id(st)] = weakref.ref(st, partial(self._on_host_free, id(st), category, nb))
             self._host_live[category] = live = self._host_live.get(category, 0) + nb
