@@ -93,9 +93,8 @@ def train(
             env = environment_for(r, training=True)
             the_plan, _ = plan_for(r, env)  # a sharded run's: one process's
             peak = the_plan.peak_bytes if the_plan is not None else None
-            if (
-                peak is not None and env.device_type == "cpu"
-            ):  # the processes on this machine share its memory
+            # CPU processes on one machine share its memory
+            if peak is not None and env.device_type == "cpu":
                 peak *= int(os.environ.get("LOCAL_WORLD_SIZE", ranks))
             findings = run_doctor(r, env=env, planned_peak_bytes=peak, training=True)
             if findings:

@@ -37,6 +37,7 @@ def test_the_tracker_sees_storages_resized_outside_the_dispatcher():
     """FSDP2 frees a gathered weight with ``UntypedStorage.resize_(0)`` and gathers it again by resizing
     it back; no op the dispatcher sees does either."""
     t = torch.empty(1000, dtype=torch.float32)
+    original = torch.UntypedStorage.resize_
     tracker = MemoryTracker()
     with tracker:
         x = t * 2  # a storage the tracker counts
@@ -48,7 +49,8 @@ def test_the_tracker_sees_storages_resized_outside_the_dispatcher():
         grown = torch.empty(0)
         grown.untyped_storage().resize_(800)  # a storage first seen as it is resized: a gathered weight
         assert tracker.live_breakdown()[Category.GATHERED_WEIGHTS] == 800
-    assert torch.UntypedStorage.resize_ is not type(tracker)._tracked_resize_of  # put back on exit
+        assert torch.UntypedStorage.resize_ is not original
+    assert torch.UntypedStorage.resize_ is original  # put back on exit
 
 
 def test_a_sharded_plan_shrinks_the_weights_each_process_holds():

@@ -13,7 +13,8 @@ allocations made inside one kernel and freed before it returns (scratch buffers,
 operands), Python numbers wrapped as 0-dim tensors, and allocations that bypass the dispatcher
 (`torch.from_numpy`, `torch.get_rng_state()`, tensors made before the tracker and not registered).
 `UntypedStorage.resize_` bypasses it too, and FSDP2 frees and re-gathers its weights with it: while
-tracking, the tracker wraps it and counts the storage's new size. Measured against `measure_cpu.py` on two steps of the test models:
+tracking, the tracker wraps it and counts the storage's new size. Measured against `measure_cpu.py` on
+two steps of the test models:
 0 B apart for a 2-layer Llama, 12 B of 1.55 MB for an MLP (one wrapped float, one cast inside
 `aten.div`); with `torch.utils.checkpoint`, 5,056 B (the CPU RNG state it saves, host memory) per
 checkpointed call alive at the peak.
