@@ -234,10 +234,22 @@ def _print_search(result, top: int, from_defaults: bool) -> None:
     from fitune.planner.report import change_text, twin_text
 
     t, base = result.target, result.base
+    one = result.one_device
+    if one is not None:
+        console.print(
+            f"[bold]nothing fits one {t.label}[/] ({len(one.candidates)} configurations searched); the least "
+            "it would take:",
+            highlight=False,
+        )
+        for s in one.suggestions:
+            console.print(f"  - {s}", highlight=False, soft_wrap=True)
+    where = f"{result.ranks} x {t.label}, sharded with FSDP2" if result.ranks > 1 else t.label
+    each = " per GPU" if result.ranks > 1 else ""
     console.print(
-        f"[bold]plan search[/] {base.model.source or 'inline config'} on {t.label}: usable "
-        f"{human_bytes(result.usable_bytes)} after a {result.margin:.0%} margin; seq_len {result.seq_len}, "
-        f"effective batch {result.effective_batch}",
+        f"[bold]plan search[/] {base.model.source or 'inline config'} on {where}: usable "
+        f"{human_bytes(result.usable_bytes)}{each} after a {result.margin:.0%} margin; seq_len "
+        f"{result.seq_len}, effective batch {result.effective_batch}"
+        + (f" per process ({result.effective_batch * result.ranks} per step)" if result.ranks > 1 else ""),
         highlight=False,
     )
     counts = result.counts()
@@ -254,9 +266,9 @@ def _print_search(result, top: int, from_defaults: bool) -> None:
         )
         table.add_column("#", justify="right")
         table.add_column("configuration")
-        table.add_column("peak GiB", justify="right")
+        table.add_column("peak GiB" + each, justify="right")
         table.add_column("free GiB", justify="right")
-        table.add_column("tokens/s", justify="right")
+        table.add_column("tokens/s" + (" (all GPUs)" if result.ranks > 1 else ""), justify="right")
         table.add_column("changes from " + ("your recipe" if not from_defaults else "the defaults"))
         for i, c in enumerate(result.ranked[:top]):
             speed = f"{c.speed.tokens_per_s:,.0f}" if c.speed.tokens_per_s is not None else "-"

@@ -90,24 +90,27 @@ def _direct(result, c) -> int:
     return fitune.plan(result.recipe_of(c)).peak_bytes
 
 
+def _speed_args(gpu, *, checkpointing: bool) -> dict:
+    return dict(
+        kind="lora",
+        r=16,
+        targets="all-linear",
+        seq_len=512,
+        batch_size=4,
+        grad_accum=2,
+        checkpointing=checkpointing,
+        optimizer="adamw",
+        tflops=gpu.bf16_tflops,
+        bandwidth_gbps=gpu.bandwidth_gbps,
+    )
+
+
 def test_speed_model_orders_the_techniques():
     shape = speed.model_shape(config_from_dict(WIDE, where="test"))
     gpu = get_gpu("a100-80gb")
 
     def tps(**kw):
-        args = dict(
-            kind="lora",
-            r=16,
-            targets="all-linear",
-            seq_len=512,
-            batch_size=4,
-            grad_accum=2,
-            checkpointing=False,
-            optimizer="adamw",
-            tflops=gpu.bf16_tflops,
-            bandwidth_gbps=gpu.bandwidth_gbps,
-        )
-        return speed.estimate(shape, **{**args, **kw})
+        return speed.estimate(shape, **{**_speed_args(gpu, checkpointing=False), **kw})
 
     lora = tps()
     assert tps(checkpointing=True).tokens_per_s < lora.tokens_per_s
@@ -199,7 +202,8 @@ def test_t4_rules_out_bf16_and_flash_attention(narrow):
     assert bf16.status == "ruled_out" and "compute capability 7.5" in bf16.reason
 
 
-def test_nothing_fits_names_a_shorter_sequence_qlora_and_a_gpu(narrow, memo_plan):
+def test_nothing_fits_names_a_shorter_sequence_qlora_and_a_gpu(narrow, memo_plan, monkeypatch):
+    monkeypatch.setattr(S, "DEVICE_COUNTS", ())  # the suggestions alone (sharding: the test below)
     narrow(
         RANKS=(16,),
         PRECISIONS=("fp16",),
@@ -285,3 +289,57 @@ def test_cli_keeps_the_single_plan_and_plans_catalog_models():
     base, from_model = _plan_base("llama-3.1-8b", None)
     assert from_model and base.model.source == "llama-3.1-8b"
     assert base.train.batch_size * base.train.grad_accum == C.DEFAULT_EFFECTIVE_BATCH
+
+
+def test_nothing_fits_one_gpu_so_the_search_shards_over_two(narrow):
+    """A budget that no configuration fits on one GPU but one process of two does: the search goes on to 2 GPUs
+    (FSDP2), plans each process as ``fitune plan --nproc 2`` does, halves each process's batch, and keeps what
+    one GPU would need."""
+    narrow(
+        RANKS=(16,),
+        PRECISIONS=("bf16",),
+        CHECKPOINTING=(True,),
+        ATTENTIONS=("sdpa",),
+        LOSS_CHUNKS=(0,),
+        OPTIMIZERS=("adamw", "adamw8bit"),
+    )
+    base = _base(layers=8, batch_size=1, grad_accum=2, gradient_checkpointing=True)
+    on_gpu = base.updated({"hardware.device": "rtx-4090"})
+    one = min(
+        fitune.plan(on_gpu.updated(split)).peak_bytes
+        for split in ({}, {"train.batch_size": 2, "train.grad_accum": 1})
+    )
+    two = fitune.plan(on_gpu.updated({"hardware.num_devices": 2, "train.grad_accum": 1})).peak_bytes
+    assert two < one, "the test model is too small for sharding to save memory"
+    budget = (one + two) / 2
+    result = S.search(base, C.resolve_target(base, "rtx-4090", budget / GIB), margin=0.0, methods=("lora",))
+    assert result.one_device is not None and not result.one_device.ranked
+    assert result.ranks == 2 and result.ranked and result.effective_batch == 1
+    for c in result.ranked:
+        s = c.settings
+        assert s["hardware.num_devices"] == 2 and s["train.optimizer"] == "adamw"
+        assert (s["train.batch_size"], s["train.grad_accum"]) == (1, 1)
+        assert c.peak_bytes == pytest.approx(_direct(result, c), rel=0.01)
+        assert c.speed.communication_s > 0 and c.speed.tokens_per_s > 0
+    eight_bit = [c for c in result.candidates if c.settings["train.optimizer"] == "adamw8bit"]
+    assert eight_bit and all(c.reason.startswith("fsdp-8bit-optimizer") for c in eight_bit)
+    assert "2 GPUs" in C.describe(result.ranked[0].settings)
+    assert any("fitune train recipe.yaml --nproc 2" in n for n in result.notes)
+
+
+def test_speed_model_adds_the_collectives_of_a_sharded_step():
+    """Sharded over N GPUs, each micro-batch moves (N-1)/N of two gathers of the stored weights and one
+    reduce-scatter of the fp32 gradients over the link; with a slow link that time is the micro-batch's."""
+    shape = speed.model_shape(config_from_dict(WIDE, where="test"))
+    gpu = get_gpu("rtx-4090")
+    args = _speed_args(gpu, checkpointing=True)
+    stored = 2 * shape.total_weights
+    one = speed.estimate(shape, **args)
+    assert one.communication_s is None
+    four = speed.estimate(shape, **args, ranks=4, link_gbps=gpu.link_gbps, stored_bytes=stored)
+    moved = 3 / 4 * (2 * stored + 4 * shape.lora_weights(16, "all-linear"))
+    assert four.communication_s == pytest.approx(moved / (gpu.link_gbps * 1e9 * speed.LINK_EFFICIENCY))
+    slow = speed.estimate(shape, **args, ranks=4, link_gbps=1e-3, stored_bytes=stored)
+    assert slow.step_seconds == pytest.approx(2 * slow.communication_s, rel=1e-3)
+    assert four.tokens_per_s <= 4 * one.tokens_per_s
+    assert speed.estimate(shape, **args, ranks=4, link_gbps=None, stored_bytes=stored).tokens_per_s is None

@@ -7,6 +7,10 @@ Conventions (the caveats behind them are in shared/gpus-NOTES.md):
   process can allocate is lower: ECC, driver reservations and the CUDA context take their share.
 - TFLOPS are dense (no 2:4 sparsity) tensor-core peaks for FP16/BF16 inputs with FP32 accumulate, the
   mode mixed-precision training uses. A row whose ``source`` says ESTIMATE has no vendor figure.
+- ``link`` / ``link_gbps``: how two of the cards exchange data in the usual build (NVLink for SXM parts, else
+  the card's PCIe interface) and that link's rate in one direction, GB/s (NVIDIA prints both directions
+  together: 900 GB/s NVLink 4 is 450 each way; PCIe 4.0 x16, 64 GB/s, is 32). Optional NVLink bridges of PCIe
+  cards are not assumed.
 - Names: a name without a form factor means the SXM part (``h100-80gb`` is the SXM5 card, ``h100-80gb-pcie``
   the PCIe one). A name that leaves out something the catalog needs to tell rows apart (``a100``:
   40 or 80 GB?) is refused with the candidates.
@@ -45,6 +49,8 @@ class GPU:
     fp16_tflops: float  # dense
     bandwidth_gbps: float  # GB/s
     source: str
+    link: str = ""  # "NVLink 4", "PCIe 4.0 x16"
+    link_gbps: float | None = None  # GB/s in one direction between two cards
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,8 @@ def _parse_row(fields: dict[str, str]) -> _Row:
         fp16_tflops=tflops,
         bandwidth_gbps=float(fields["bandwidth_gbs"]),
         source=source,
+        link=fields["link"],
+        link_gbps=float(fields["link_gbs"]) if fields["link_gbs"] else None,
     )
     aliases = tuple(a for a in fields["aliases"].split("|") if a)
     return _Row(gpu, aliases, tuple(fields["cuda_model"].split()), fields["form_factor"])

@@ -34,7 +34,9 @@ KNOBS = {
     "loss_chunk": ("train.loss_chunk",),
     "optimizer": ("train.optimizer",),
     "split": ("train.batch_size", "train.grad_accum"),
+    "devices": ("hardware.num_devices",),
 }
+DEVICE_COUNTS = (2, 4, 8)  # GPUs a search shards over (FSDP2) when one does not hold any configuration
 
 
 @dataclass
@@ -103,10 +105,22 @@ def structure_of(s: dict[str, Any]) -> tuple:
     return (s["method.kind"], s["train.precision"], s["train.gradient_checkpointing"], s["train.loss_chunk"])
 
 
-def enumerate_settings(base, target: Target, methods: tuple[str, ...] = METHODS) -> list[dict[str, Any]]:
-    """Every searched configuration of ``base`` on ``target`` as dotted recipe settings."""
+def per_process_batch(base, ranks: int) -> int:
+    """Examples each of ``ranks`` processes takes per optimizer step so that the step sees the batch of
+    ``base`` (``train.batch_size x grad_accum`` on each of its ``hardware.num_devices`` processes), or the
+    nearest larger one when that batch does not divide."""
+    whole = base.train.batch_size * base.train.grad_accum * base.hardware.num_devices
+    return max(1, -(-whole // ranks))
+
+
+def enumerate_settings(
+    base, target: Target, methods: tuple[str, ...] = METHODS, ranks: int | None = None
+) -> list[dict[str, Any]]:
+    """Every searched configuration of ``base`` on ``target`` as dotted recipe settings, on ``ranks``
+    processes (default the recipe's), holding the batch of an optimizer step."""
     t = base.train
-    effective = t.batch_size * t.grad_accum
+    processes = ranks or base.hardware.num_devices
+    effective = per_process_batch(base, processes)
     chunks = tuple(dict.fromkeys((*LOSS_CHUNKS, t.loss_chunk)))
     out = []
     for kind in methods:
@@ -129,6 +143,7 @@ def enumerate_settings(base, target: Target, methods: tuple[str, ...] = METHODS)
                                         "train.batch_size": b,
                                         "train.grad_accum": g,
                                         "hardware.device": target.device,
+                                        "hardware.num_devices": processes,
                                     }
                                     out.append(_consequences(base, s))
     return out
@@ -198,23 +213,35 @@ def _prune_precision(s: dict[str, Any], target: Target) -> str | None:
     return None
 
 
-def weights_floor(s: dict[str, Any], shape: spd.ModelShape) -> int:
-    """Bytes every optimizer step of ``s`` holds at least: the weights, and for a full fine-tune their fp32
-    gradients and optimizer moments (2 x 4 bytes for adamw, 2 x 1 for 8-bit). A bound, not a prediction."""
+def stored_weight_bytes(s: dict[str, Any], shape: spd.ModelShape) -> int:
+    """Every weight of ``s`` in its stored dtype: fp32 for a full fine-tune, the compute dtype for adapters'
+    base, half a byte for a 4-bit decoder linear (adapters themselves left out)."""
     total, linear = shape.total_weights, shape.layer_weights
     half = 4 if s["train.precision"] == "fp32" else 2
     if s["method.kind"] == "full":
-        return total * (4 + 4 + (2 if s["train.optimizer"] in EIGHT_BIT else 8))
+        return total * 4
     if s["method.kind"] == "qlora":
         return linear // 2 + (total - linear) * half
     return total * half
 
 
-def build_candidates(base, target: Target, shape: spd.ModelShape, config: dict, methods) -> list[Candidate]:
+def weights_floor(s: dict[str, Any], shape: spd.ModelShape) -> int:
+    """Bytes every optimizer step of ``s`` holds at least on each process: its share of the weights, and for
+    a full fine-tune of their fp32 gradients and optimizer moments (2 x 4 bytes for adamw, 2 x 1 for 8-bit).
+    A bound, not a prediction."""
+    held = stored_weight_bytes(s, shape)
+    if s["method.kind"] == "full":
+        held += shape.total_weights * (4 + (2 if s["train.optimizer"] in EIGHT_BIT else 8))
+    return held // s.get("hardware.num_devices", 1)
+
+
+def build_candidates(
+    base, target: Target, shape: spd.ModelShape, config: dict, methods, ranks: int | None = None
+) -> list[Candidate]:
     """Every configuration with its changes, speed and score; the doctor's errors and pruned precisions
     marked (``status``), the others ``pending``."""
     t = base.train
-    all_settings = enumerate_settings(base, target, methods)
+    all_settings = enumerate_settings(base, target, methods, ranks)
     errors = _doctor_errors(base, target, all_settings, config)
     tflops = _tflops(target)
     candidates = []
@@ -232,6 +259,9 @@ def build_candidates(base, target: Target, shape: spd.ModelShape, config: dict, 
             optimizer=s["train.optimizer"],
             tflops=tflops.get(s["train.precision"]),
             bandwidth_gbps=target.gpu.bandwidth_gbps if target.gpu is not None else None,
+            ranks=s["hardware.num_devices"],
+            link_gbps=target.gpu.link_gbps if target.gpu is not None else None,
+            stored_bytes=stored_weight_bytes(s, shape),
         )
         raw = sp.tokens_per_s if sp.tokens_per_s is not None else 1e15 / sp.flops_per_token
         c = Candidate(s, changes, n, structure_of(s), sp, raw * (1 - CHANGE_PENALTY * n))
@@ -262,6 +292,8 @@ def describe(settings: dict[str, Any]) -> str:
     if s["train.loss_chunk"] != 0:
         parts.append(f"chunk {s['train.loss_chunk']}")
     parts += [s["train.optimizer"], f"{s['train.batch_size']}x{s['train.grad_accum']}"]
+    if s.get("hardware.num_devices", 1) > 1:
+        parts.append(f"on each of {s['hardware.num_devices']} GPUs")
     return ", ".join(parts)
 
 
@@ -272,7 +304,7 @@ class SearchResult:
     margin: float
     usable_bytes: int
     seq_len: int
-    effective_batch: int
+    effective_batch: int  # examples per optimizer step on each process
     ranked: list[Candidate]  # configurations that fit, best first, twins folded
     candidates: list[Candidate]  # every configuration considered
     suggestions: list[str]
@@ -281,6 +313,8 @@ class SearchResult:
     structures_traced: int
     fake_runs: int
     seconds: float
+    ranks: int = 1  # processes (GPUs) every configuration is sharded over
+    one_device: SearchResult | None = None  # the search on one GPU, when it found nothing and this one shards
 
     def recipe_of(self, candidate: Candidate):
         return self.base.updated(candidate.settings)

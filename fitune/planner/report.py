@@ -44,10 +44,13 @@ def knob_label(name: str, value: Any) -> str:
         return "fa2"
     if name == "split":
         return f"{value[0]}x{value[1]}"
+    if name == "devices":
+        return f"{value} GPU" + ("s" if value != 1 else "")
     return str(value)
 
 
 _PREFIX = {"rank": "r", "loss_chunk": "chunk "}
+_SUFFIX = {"devices": (" GPUs", " GPU")}
 
 
 def twin_text(twins: list[str]) -> str:
@@ -76,7 +79,10 @@ def change_text(candidate: Candidate, base) -> str:
             parts.append(knob_label(name, new))
         else:
             new_label = knob_label(name, new).removeprefix(_PREFIX.get(name, ""))
-            parts.append(f"{knob_label(name, old)}->{new_label}")
+            old_label = knob_label(name, old)
+            for suffix in _SUFFIX.get(name, ()):
+                old_label = old_label.removesuffix(suffix)
+            parts.append(f"{old_label}->{new_label}")
     return ", ".join(parts) or "none (your recipe)"
 
 
@@ -117,6 +123,7 @@ def search_json(result: SearchResult, *, chosen_plan: Plan | None = None) -> dic
         "usable_bytes": result.usable_bytes,
         "seq_len": result.seq_len,
         "effective_batch": result.effective_batch,
+        "processes": result.ranks,
         "counts": result.counts(),
         "candidates": [_candidate_json(c, result, full=True) for c in result.ranked],
         "ruled_out": [
@@ -129,6 +136,11 @@ def search_json(result: SearchResult, *, chosen_plan: Plan | None = None) -> dic
         "fake_runs": result.fake_runs,
         "seconds": result.seconds,
     }
+    if result.one_device is not None:
+        doc["one_device"] = {
+            "counts": result.one_device.counts(),
+            "suggestions": result.one_device.suggestions,
+        }
     if chosen_plan is not None:
         doc["chosen_plan"] = {"peak_bytes": chosen_plan.peak_bytes, "phases": chosen_plan.phases}
     return doc
@@ -272,13 +284,19 @@ def html_report(result: SearchResult, *, chosen_plan: Plan | None, top: int = 10
             reasons[f"{c.status}: {c.reason}"] = reasons.get(f"{c.status}: {c.reason}", 0) + 1
     top_reasons = sorted(reasons.items(), key=lambda kv: -kv[1])[:15]
     counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in result.counts().items())
+    where = f"{result.ranks} x {target.label}, sharded with FSDP2" if result.ranks > 1 else target.label
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>fitune plan</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
         "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}th{background:#eee}"
         "img{max-width:100%}li{margin:2px 0}</style></head><body>",
-        f"<h1>fitune plan: {e(str(result.base.model.source or 'inline config'))} on {e(target.label)}</h1>",
-        f"<p>usable {result.usable_bytes / _GIB:,.2f} GiB after a {result.margin:.0%} margin; seq_len "
+        f"<h1>fitune plan: {e(str(result.base.model.source or 'inline config'))} on {e(where)}</h1>",
+        *(
+            [f"<p>Nothing fits one {e(target.label)}: {e('; '.join(result.one_device.suggestions))}</p>"]
+            if result.one_device is not None
+            else []
+        ),
+        f"<p>usable {result.usable_bytes / _GIB:,.2f} GiB{' per GPU' if result.ranks > 1 else ''} after a {result.margin:.0%} margin; seq_len "
         f"{result.seq_len}, effective batch {result.effective_batch}. {e(counts)}; "
         f"{result.structures_traced} structures traced ({result.fake_runs} fake runs) in "
         f"{result.seconds:.1f} s.</p>",

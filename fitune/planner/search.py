@@ -17,6 +17,11 @@ optimizer, and micro-batch x gradient accumulation holding the effective batch; 
    traced at all.
 4. A configuration fits when its peak is at most the budget less the margin. When nothing fits, name the
    smallest change that would: a shorter sequence, QLoRA, or a catalog GPU with enough memory.
+5. When nothing fits one GPU of the catalog (and the recipe names no ``hardware.num_devices``), search again
+   sharded over 2, 4 and 8 of them (FSDP2; ``DEVICE_COUNTS``) and stop at the first count where something
+   fits. Each process is planned as ``fitune plan --nproc N`` plans it (traced under a fake process group);
+   each takes ``1/N`` of the optimizer step's batch; the speed model adds the collectives (``speed.py``).
+   8-bit optimizers are ruled out there by the doctor (FSDP cannot shard their state).
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ from fitune.planner import anchors as anc
 from fitune.planner import speed as spd
 from fitune.planner.candidates import (
     CHANGE_PENALTY,
+    DEVICE_COUNTS,
     METHODS,
     Candidate,
     SearchResult,
     Target,
     build_candidates,
+    per_process_batch,
     weights_floor,
 )
 
@@ -54,9 +61,6 @@ def search(
     progress: Callable[[str], None] | None = None,
 ) -> SearchResult:
     """Rank the configurations of ``base`` that fit ``target`` (see the module docstring)."""
-    from fitune.memory.devices import device_model
-    from fitune.models import sources
-
     start = time.perf_counter()
     if not 0 <= margin < 1:
         raise FituneError(f"--margin {margin:g} is outside [0, 1); fix: give a share such as 0.1")
@@ -64,15 +68,46 @@ def search(
     if unknown:
         raise FituneError(f"--method {', '.join(unknown)} is unknown; fix: choose from {', '.join(METHODS)}")
     say = progress or (lambda _msg: None)
+    ranks = base.hardware.num_devices
+    result = _search_on(base, target, ranks, margin, top, methods, say)
+    if result.ranked or ranks > 1 or target.kind != "cuda" or target.gpu is None:
+        result.seconds = time.perf_counter() - start
+        return result
+    for n in DEVICE_COUNTS:
+        say(f"nothing fits one {target.gpu.name}: searching {n} of them, sharded with FSDP2")
+        sharded = _search_on(base, target, n, margin, top, methods, say, suggest=False)
+        sharded.structures_traced += result.structures_traced
+        sharded.fake_runs += result.fake_runs
+        if sharded.ranked:
+            sharded.one_device = result
+            sharded.seconds = time.perf_counter() - start
+            return sharded
+        result.structures_traced, result.fake_runs = sharded.structures_traced, sharded.fake_runs
+    if DEVICE_COUNTS:
+        result.suggestions.append(
+            f"nothing fits {DEVICE_COUNTS[-1]} x {target.gpu.name} sharded with FSDP2 either (searched "
+            + ", ".join(str(n) for n in DEVICE_COUNTS)
+            + " GPUs)"
+        )
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _search_on(
+    base, target: Target, ranks: int, margin: float, top: int, methods, say, *, suggest: bool = True
+) -> SearchResult:
+    """The search on ``ranks`` processes (one per GPU)."""
+    from fitune.memory.devices import device_model
+    from fitune.models import sources
+
     source = sources.resolve(base, need_weights=False)
     shape = spd.model_shape(source.config)
     dm = device_model(target.kind, target.gpu)
     extra = {o.name: o.bytes for o in dm.overheads() if o.counted_in == "allocated"}
     usable = int(target.memory_bytes * (1 - margin))
-    t = base.train
-    effective = t.batch_size * t.grad_accum
+    effective = per_process_batch(base, ranks)
 
-    candidates = build_candidates(base, target, shape, source.config.to_dict(), methods)
+    candidates = build_candidates(base, target, shape, source.config.to_dict(), methods, ranks)
     _rule_out_by_weights(candidates, shape, sum(extra.values()), usable)
     by_key: dict[tuple, list[Candidate]] = {}
     for c in candidates:
@@ -94,27 +129,44 @@ def search(
     ]
     if target.gpu is None or not target.gpu.bandwidth_gbps:
         notes.append(f"{target.label}: no throughput figures; configurations are ranked by FLOPs per token")
+    assumptions = [spd.ASSUMPTIONS, f"ranking: tokens/s less {CHANGE_PENALTY:.0%} per setting changed"]
+    if ranks > 1:
+        whole = base.train.batch_size * base.train.grad_accum * base.hardware.num_devices
+        notes.append(
+            f"sharded over {ranks} GPUs with FSDP2: each row is one process (peak per GPU) taking "
+            f"{effective} example(s) of each optimizer step"
+            + (
+                f" ({ranks * effective} in all, not {whole}: {whole} does not divide)"
+                if whole % ranks
+                else ""
+            )
+            + "; tokens/s count every GPU's tokens; train it with `fitune train recipe.yaml --nproc "
+            f"{ranks}`"
+        )
+        if target.gpu is not None and target.gpu.link_gbps:
+            notes.append(f"{target.gpu.name} link: {target.gpu.link}, {target.gpu.link_gbps:g} GB/s each way")
+        assumptions.insert(1, spd.SHARDED_ASSUMPTIONS)
     result = SearchResult(
         base=base,
         target=target,
         margin=margin,
         usable_bytes=usable,
-        seq_len=t.seq_len,
+        seq_len=base.train.seq_len,
         effective_batch=effective,
         ranked=ranked,
         candidates=candidates,
         suggestions=[],
-        assumptions=[spd.ASSUMPTIONS, f"ranking: tokens/s less {CHANGE_PENALTY:.0%} per setting changed"],
+        assumptions=assumptions,
         notes=notes,
         structures_traced=sum(1 for st in structures.values() if st.anchors),
         fake_runs=sum(st.runs for st in structures.values()),
         seconds=0.0,
+        ranks=ranks,
     )
-    if not ranked:
+    if not ranked and suggest:
         from fitune.planner.suggest import suggestions
 
         result.suggestions = suggestions(result, shape=shape, source=source, progress=say)
-    result.seconds = time.perf_counter() - start
     return result
 
 
@@ -275,11 +327,13 @@ class _Structure:
     def _trace(self, name: str) -> anc.Anchor | None:
         if name in self.anchors:
             return self.anchors[name]
+        # sharded, no 8-bit optimizer runs (the doctor rules it out): A3 and A4 trace the other rank with adamw
+        eight = "adamw8bit" if self.first["hardware.num_devices"] == 1 else "adamw"
         r, b, optimizer = {
             "a1": (self.r0, 1, "adamw"),
             "a2": (self.r0, self.effective, "adamw"),
-            "a3": (self.r1, 1, "adamw8bit"),
-            "a4": (self.r1, self.effective, "adamw8bit"),
+            "a3": (self.r1, 1, eight),
+            "a4": (self.r1, self.effective, eight),
         }[name]
         needed = name in ("a1", "a3") or self.effective > 1
         anchor = None

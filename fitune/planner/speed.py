@@ -19,6 +19,13 @@ fit. Per micro-batch of ``n = batch_size * seq_len`` tokens:
   bandwidth-bound (bitsandbytes' dequantize kernel), added to the pass.
 - optimizer step, once per ``grad_accum`` micro-batches: bytes moved per trained parameter
   (``OPTIMIZER_BYTES``) at the same bandwidth.
+- sharded over ``ranks`` GPUs (FSDP2): each GPU runs its own micro-batches as above and updates its
+  ``1/ranks`` of the trained weights. Every micro-batch all-gathers every weight twice, in its stored dtype
+  (forward, and backward, recomputation included: fitune frees a layer's gathered weights after each), and
+  reduce-scatters the fp32 gradients of what trains; in a ring each GPU sends and receives
+  ``(ranks - 1) / ranks`` of those bytes over its link at ``LINK_EFFICIENCY`` of the rate in one direction.
+  FSDP2 issues the next group's gather while the current group computes, so a micro-batch takes the longer of
+  its compute and its communication. Tokens per second count every GPU's tokens.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ ATTENTION_BACKWARD_FACTOR = 2.5  # FlashAttention-2 paper, section 3.1: backward
 NF4_DEQUANT_BYTES = 2.5  # read 4-bit (0.5 B) and write the 16-bit weight (2 B), per weight and pass
 # Per trained parameter and optimizer step: fp32 param, grad, two moments read (16 B), param and moments
 # written (12 B), the gradient read once more for clipping (4 B); 8-bit moments are 1 B each.
+LINK_EFFICIENCY = 0.6  # assumed share of a link's one-way rate that NCCL's ring collectives reach
 OPTIMIZER_BYTES = {"adamw": 32, "adamw8bit": 20, "paged_adamw8bit": 20, "sgd": 24}
 
 ASSUMPTIONS = (
@@ -38,6 +46,11 @@ ASSUMPTIONS = (
     f"bandwidth; attention backward {ATTENTION_BACKWARD_FACTOR:g}x forward; NF4 dequantization "
     f"{NF4_DEQUANT_BYTES:g} B per weight per pass; optimizer bytes per trained parameter "
     + ", ".join(f"{k} {v}" for k, v in OPTIMIZER_BYTES.items())
+)
+SHARDED_ASSUMPTIONS = (
+    f"several GPUs: every weight all-gathered twice per micro-batch in its stored dtype and the fp32 "
+    f"gradients reduce-scattered, at {LINK_EFFICIENCY:g} of the link's one-way rate, overlapped with compute "
+    "(a micro-batch takes the longer of the two); GPUs without peer-to-peer (GeForce) may reach less"
 )
 
 
@@ -102,6 +115,7 @@ class Speed:
     tokens_per_s: float | None  # None when the target's throughput is unknown
     flops_per_token: float  # training FLOPs (forward, backward, recomputation) per token
     step_seconds: float | None
+    communication_s: float | None = None  # per micro-batch, when sharded over several GPUs
 
 
 def estimate(
@@ -117,8 +131,12 @@ def estimate(
     optimizer: str,
     tflops: float | None,
     bandwidth_gbps: float | None,
+    ranks: int = 1,
+    link_gbps: float | None = None,
+    stored_bytes: int = 0,
 ) -> Speed:
-    """Tokens per second of one configuration on a GPU of ``tflops`` (dense, compute dtype) and bandwidth."""
+    """Tokens per second of one configuration on ``ranks`` GPUs of ``tflops`` (dense, compute dtype) and
+    bandwidth, linked at ``link_gbps`` each way; ``stored_bytes``: every weight in its stored dtype."""
     layers, head = shape.layer_weights, shape.head_weights
     lora = shape.lora_weights(r, targets) if kind != "full" else 0
     trained = layers + head if kind == "full" else lora
@@ -136,5 +154,12 @@ def estimate(
     micro = max(flops * tokens / (tflops * 1e12 * MFU), passes * weight_bytes / bandwidth)
     if kind == "qlora":
         micro += passes * layers * NF4_DEQUANT_BYTES / bandwidth
-    step = grad_accum * micro + trained * OPTIMIZER_BYTES.get(optimizer, 32) / bandwidth
-    return Speed(grad_accum * tokens / step, flops, step)
+    communication = None
+    if ranks > 1:
+        if not link_gbps:
+            return Speed(None, flops, None)
+        moved = (ranks - 1) / ranks * (2 * stored_bytes + 4 * trained)
+        communication = moved / (link_gbps * 1e9 * LINK_EFFICIENCY)
+        micro = max(micro, communication)
+    step = grad_accum * micro + trained / ranks * OPTIMIZER_BYTES.get(optimizer, 32) / bandwidth
+    return Speed(ranks * grad_accum * tokens / step, flops, step, communication)
