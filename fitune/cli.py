@@ -243,10 +243,9 @@ def _print_search(result, top: int, from_defaults: bool) -> None:
         )
         for s in one.suggestions:
             console.print(f"  - {s}", highlight=False, soft_wrap=True)
-    where = f"{result.ranks} x {t.label}, sharded with FSDP2" if result.ranks > 1 else t.label
     each = " per GPU" if result.ranks > 1 else ""
     console.print(
-        f"[bold]plan search[/] {base.model.source or 'inline config'} on {where}: usable "
+        f"[bold]plan search[/] {base.model.source or 'inline config'} on {result.where}: usable "
         f"{human_bytes(result.usable_bytes)}{each} after a {result.margin:.0%} margin; seq_len "
         f"{result.seq_len}, effective batch {result.effective_batch}"
         + (f" per process ({result.effective_batch * result.ranks} per step)" if result.ranks > 1 else ""),

@@ -105,12 +105,16 @@ def structure_of(s: dict[str, Any]) -> tuple:
     return (s["method.kind"], s["train.precision"], s["train.gradient_checkpointing"], s["train.loss_chunk"])
 
 
+def step_batch(base) -> int:
+    """Examples an optimizer step of ``base`` takes over all its processes."""
+    return base.train.batch_size * base.train.grad_accum * base.hardware.num_devices
+
+
 def per_process_batch(base, ranks: int) -> int:
     """Examples each of ``ranks`` processes takes per optimizer step so that the step sees the batch of
     ``base`` (``train.batch_size x grad_accum`` on each of its ``hardware.num_devices`` processes), or the
     nearest larger one when that batch does not divide."""
-    whole = base.train.batch_size * base.train.grad_accum * base.hardware.num_devices
-    return max(1, -(-whole // ranks))
+    return max(1, -(-step_batch(base) // ranks))
 
 
 def enumerate_settings(
@@ -315,6 +319,13 @@ class SearchResult:
     seconds: float
     ranks: int = 1  # processes (GPUs) every configuration is sharded over
     one_device: SearchResult | None = None  # the search on one GPU, when it found nothing and this one shards
+
+    @property
+    def where(self) -> str:
+        """What the search planned for: the target, or N of it sharded."""
+        if self.ranks > 1:
+            return f"{self.ranks} x {self.target.label}, sharded with FSDP2"
+        return self.target.label
 
     def recipe_of(self, candidate: Candidate):
         return self.base.updated(candidate.settings)

@@ -284,13 +284,12 @@ def html_report(result: SearchResult, *, chosen_plan: Plan | None, top: int = 10
             reasons[f"{c.status}: {c.reason}"] = reasons.get(f"{c.status}: {c.reason}", 0) + 1
     top_reasons = sorted(reasons.items(), key=lambda kv: -kv[1])[:15]
     counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in result.counts().items())
-    where = f"{result.ranks} x {target.label}, sharded with FSDP2" if result.ranks > 1 else target.label
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>fitune plan</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
         "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}th{background:#eee}"
         "img{max-width:100%}li{margin:2px 0}</style></head><body>",
-        f"<h1>fitune plan: {e(str(result.base.model.source or 'inline config'))} on {e(where)}</h1>",
+        f"<h1>fitune plan: {e(str(result.base.model.source or 'inline config'))} on {e(result.where)}</h1>",
         *(
             [f"<p>Nothing fits one {e(target.label)}: {e('; '.join(result.one_device.suggestions))}</p>"]
             if result.one_device is not None

@@ -42,6 +42,7 @@ from fitune.planner.candidates import (
     Target,
     build_candidates,
     per_process_batch,
+    step_batch,
     weights_floor,
 )
 
@@ -131,7 +132,7 @@ def _search_on(
         notes.append(f"{target.label}: no throughput figures; configurations are ranked by FLOPs per token")
     assumptions = [spd.ASSUMPTIONS, f"ranking: tokens/s less {CHANGE_PENALTY:.0%} per setting changed"]
     if ranks > 1:
-        whole = base.train.batch_size * base.train.grad_accum * base.hardware.num_devices
+        whole = step_batch(base)
         notes.append(
             f"sharded over {ranks} GPUs with FSDP2: each row is one process (peak per GPU) taking "
             f"{effective} example(s) of each optimizer step"
