@@ -9,7 +9,8 @@ batches (data loading left out); its figures are set against ``fitune.plan`` of 
 ``hardware.num_devices`` 1 or 2. Part 2 plans Llama-3.1-70B QLoRA (``examples/llama-3.1-70b-qlora-plan.yaml``)
 at 1, 2, 4 and 8 processes and shows what each process holds.
 
-    python bench/fsdp.py --out bench/results/fsdp.md
+    python bench/fsdp.py --out bench/results/fsdp.md                # both parts
+    python bench/fsdp.py --part 2 --out bench/results/fsdp-70b.md   # the 70B plans alone (seconds)
 """
 
 from __future__ import annotations
@@ -106,14 +107,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path)
     ap.add_argument("--kinds", default="lora")
+    ap.add_argument("--part", choices=("1", "2", "all"), default="all")
     args = ap.parse_args()
     kinds = args.kinds.split(",")
-    lines = [
-        "| method | processes | rank | phase | planned MiB | measured MiB | error | tokens/s (global) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines: list[str] = []
     rows = []
-    for ranks in (1, 2):
+    if args.part != "2":
+        lines += [
+            "| method | processes | rank | phase | planned MiB | measured MiB | error | tokens/s (global) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+    for ranks in (1, 2) if args.part != "2" else ():
         recipes = {k: recipe(ranks, k) for k in kinds}
         with tempfile.TemporaryDirectory() as tmp:
             per_rank = measured(ranks, recipes, Path(tmp))
@@ -137,10 +141,14 @@ def main() -> None:
                         f"| {kind} | {ranks} | {rank} | {phase} | {mib(p)} | {mib(g)} | {100 * (p - g) / g:+.2f}% "
                         f"| {got['tokens_per_s']:,.0f} |"
                     )
+    if args.part == "1":
+        finish(lines, rows, args.out)
+        return
     lines += [
-        "",
-        "| Llama-3.1-70B QLoRA | processes | peak GiB | in | load GiB | steady step GiB | 4-bit weights + quant state per process GiB | plan s |",
-        "|---|---|---|---|---|---|---|---|",
+        *([""] if lines else []),
+        "| Llama-3.1-70B QLoRA | processes | peak GiB | in | load GiB | steady step GiB "
+        "| frozen weights per process GiB | quant state per process MiB | plan s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     base = Recipe.from_yaml(HERE.parent / "examples" / "llama-3.1-70b-qlora-plan.yaml")
     for ranks in (1, 2, 4, 8):
@@ -148,16 +156,21 @@ def main() -> None:
         p = fitune.plan(base.updated({"hardware.num_devices": ranks}))
         took = time.perf_counter() - start
         steady = p.phase_breakdowns["steady_step"]
-        held = steady.get("frozen_weights", 0) + steady.get("quant_state", 0)
         lines.append(
             f"| | {ranks} | {p.peak_bytes / 2**30:.2f} | {p.peak_phase} | {p.phases['load'] / 2**30:.2f} | "
-            f"{p.phases['steady_step'] / 2**30:.2f} | {held / 2**30:.2f} | {took:.1f} |"
+            f"{p.phases['steady_step'] / 2**30:.2f} | {steady.get('frozen_weights', 0) / 2**30:.2f} | "
+            f"{mib(steady.get('quant_state', 0))} | {took:.1f} |"
         )
+    finish(lines, rows, args.out)
+
+
+def finish(lines: list[str], rows: list[dict], out: Path | None) -> None:
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    if out:
+        out.write_text(text + "\n")
+        if rows:
+            out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,12 @@ from fitune.libraries import prepare_libraries  # noqa: E402
 prepare_libraries()
 
 # every test runs under a memory cap and a time limit (tests/limits.py)
-from .limits import pytest_configure, pytest_runtest_protocol, pytest_terminal_summary  # noqa: E402, F401
+from .limits import (  # noqa: E402, F401
+    pytest_configure,
+    pytest_runtest_call,
+    pytest_runtest_protocol,
+    pytest_terminal_summary,
+)
 
 TINY_LLAMA = {
     "model_type": "llama",

@@ -5,7 +5,9 @@ until the kernel kills something. A watchdog thread reads the resident memory of
 children (``/proc``, four times a second). A test that passes its cap or its time limit fails with a
 ``TestLimitExceeded`` naming the limit, raised in the test (its children killed first); if the test does not
 return to Python within ``GRACE_S`` (stuck inside one long C call), the watchdog ends pytest with the same
-message on stderr. Limits: ``FITUNE_TEST_MEM_GIB`` and ``FITUNE_TEST_TIMEOUT_S``, or per test
+message on stderr. An exception raised from another thread can land on an instruction Python knows no line
+for, an entry pytest cannot print (it would end the whole run with an internal error); such entries are
+dropped from the failure's traceback. Limits: ``FITUNE_TEST_MEM_GIB`` and ``FITUNE_TEST_TIMEOUT_S``, or per test
 ``@pytest.mark.limits(mem_gib=..., timeout_s=...)``. The summary lists the tests that took the most memory.
 """
 
@@ -126,6 +128,20 @@ def _raise_in(thread_id: int, message: str) -> None:
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc))
 
 
+def _printable(tb):
+    """``tb`` without the entries whose line number Python cannot tell (``tb_lineno`` None)."""
+    kept = []
+    while tb is not None:
+        if tb.tb_lineno is not None:
+            kept.append(tb)
+        tb = tb.tb_next
+    head = None
+    for entry in reversed(kept):
+        entry.tb_next = head
+        head = entry
+    return head
+
+
 _watch = _Watch()
 
 
@@ -150,6 +166,20 @@ def pytest_runtest_protocol(item, nextitem):
             if hasattr(sys, "last_exc"):
                 sys.last_exc = None
             gc.collect()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_call(item):
+    try:
+        return (yield)
+    except TestLimitExceeded as exc:
+        seen = set()
+        e: BaseException | None = exc
+        while e is not None and id(e) not in seen:
+            seen.add(id(e))
+            e.__traceback__ = _printable(e.__traceback__)
+            e = e.__cause__ or e.__context__
+        raise
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -262,32 +262,44 @@ def test_ctrl_c_stops_every_process_after_the_same_step_with_a_checkpoint(tmp_pa
     assert json.loads((run / "checkpoint" / "state.json").read_text())["processes"] == 2
 
 
-def test_each_process_holds_its_share_of_the_4bit_weights(tmp_path):
-    """QLoRA's packed NF4 weights are sharded like any other: on 2 ranks each holds half of their bytes (a
-    fake process group stands for the other rank; fully_shard makes no collective while it shards)."""
-    import torch
+def test_each_process_holds_its_share_of_the_4bit_weights_and_of_their_scales(tmp_path):
+    """QLoRA's packed NF4 weights are sharded like any other, and so are their block scales (absmax): on 2
+    ranks each holds half of the packed bytes and its shard of each layer's scales (a fake process group
+    stands for the other rank; fully_shard makes no collective while it shards)."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    from fitune.memory.tracker import QUANT_STATE_PARAMETER
     from fitune.session import build_session
 
     r = Recipe.model_validate(_recipe(tmp_path, "qlora", grad_accum=1))
 
-    def packed_bytes(session) -> int:
-        total = 0
-        for p in session.model.parameters():
-            local = p.to_local() if isinstance(p, DTensor) else p
-            if local.dtype == torch.uint8:
-                total += local.numel()
-        return total
+    def held(session) -> tuple[int, list[int]]:
+        """(packed 4-bit bytes, each layer's block-scale bytes) this process holds."""
+        packed, scales = 0, []
+        for module in session.model.modules():
+            state = getattr(module, "quant_state", None)
+            if state is None:
+                continue
+            weight, absmax = module.weight, module._parameters.get(QUANT_STATE_PARAMETER, state.absmax)
+            packed += (weight.to_local() if isinstance(weight, DTensor) else weight).nbytes
+            scales.append((absmax.to_local() if isinstance(absmax, DTensor) else absmax).nbytes)
+        return packed, scales
 
-    whole = packed_bytes(build_session(r, with_tokenizer=False))
+    packed, scales = held(build_session(r, with_tokenizer=False))
     dist.init_process_group("fake", rank=1, world_size=2, store=FakeStore())
     try:
         sharded = build_session(r, with_tokenizer=False)
         assert sharded.ranks == 2
-        assert whole > 0 and packed_bytes(sharded) == whole // 2
+        packed_1, scales_1 = held(sharded)
+        assert packed > 0 and packed_1 == packed // 2
+        # rank 1's shard of each layer's scales: what the first half, rounded up, leaves
+        assert scales and scales_1 == [n - (n + 1) // 2 for n in scales]
+        assert all(
+            getattr(m, "quant_state", None) is None or m.quant_state.absmax is None
+            for m in sharded.model.modules()
+        )
     finally:
         dist.destroy_process_group()
 

@@ -66,6 +66,25 @@ def test_a_sharded_plan_shrinks_the_weights_each_process_holds():
     assert any("sharded over 2 processes" in n for n in two.notes)
 
 
+def test_a_sharded_qlora_plan_holds_half_of_the_block_scales_on_each_of_two_processes():
+    """The 4-bit layers' block scales (absmax) are sharded with their weights: a process of two plans half of
+    their bytes as quantization state, the small second-level state staying whole."""
+    from fitune.session import build_session
+
+    one, two = (
+        fitune.plan(Recipe.from_dict(_recipe("qlora", 1))),
+        fitune.plan(Recipe.from_dict(_recipe("qlora", 2))),
+    )
+    held = {p.ranks: p.phase_breakdowns["steady_step"]["quant_state"] for p in (one, two)}
+    session = build_session(Recipe.from_dict(_recipe("qlora", 1)), with_tokenizer=False)
+    scales = sum(
+        m.quant_state.absmax.nbytes
+        for m in session.model.modules()
+        if getattr(m, "quant_state", None) is not None
+    )
+    assert scales > 0 and held[1] - held[2] == pytest.approx(scales / 2, rel=0.02)
+
+
 @pytest.mark.limits(mem_gib=6, timeout_s=300)
 def test_each_process_of_a_sharded_run_peaks_where_its_plan_says(tmp_path):
     kinds = ["lora", "full", "qlora"]

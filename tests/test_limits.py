@@ -38,12 +38,24 @@ def test_child_grows():
 
 def test_fine():
     assert sum(range(10)) == 45
+
+
+def test_stopped_where_no_line_is_known():
+    # a limit's exception can arrive on an instruction without a line: a traceback entry pytest cannot print
+    import sys, types
+    from tests.limits import TestLimitExceeded
+
+    try:
+        raise TestLimitExceeded("test_inner.py::test_stopped_where_no_line_is_known: it ran 9 s")
+    except TestLimitExceeded as exc:
+        raise exc.with_traceback(types.TracebackType(exc.__traceback__, sys._getframe(), 10**6, -1))
 """
 
 
 def test_a_test_past_its_memory_cap_or_time_limit_fails_naming_it(tmp_path):
     (tmp_path / "conftest.py").write_text(
-        "from tests.limits import pytest_configure, pytest_runtest_protocol, pytest_terminal_summary  # noqa\n"
+        "from tests.limits import pytest_configure, pytest_runtest_call, pytest_runtest_protocol, "
+        "pytest_terminal_summary  # noqa\n"
     )
     (tmp_path / "test_inner.py").write_text(INNER)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FITUNE_TEST_MEM_GIB": "0.6"}
@@ -57,7 +69,8 @@ def test_a_test_past_its_memory_cap_or_time_limit_fails_naming_it(tmp_path):
     )
     out = done.stdout + done.stderr
     assert done.returncode == 1, out
-    assert "3 failed, 1 passed" in out
+    assert "4 failed, 1 passed" in out and "INTERNALERROR" not in out
     assert "test_inner.py::test_grows: its resident memory" in out and "the cap of 0.5 GiB" in out
     assert re.search(r"test_inner.py::test_sleeps: it ran \d+ s, past the time limit of 1 s", out)
     assert "test_inner.py::test_child_grows: its resident memory" in out and "the cap of 0.6 GiB" in out
+    assert "test_inner.py::test_stopped_where_no_line_is_known: it ran 9 s" in out

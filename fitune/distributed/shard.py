@@ -12,20 +12,56 @@ and autocast computes in the recipe's precision, exactly as on one device; LoRA 
 the frozen base they adapt share their layer's group. Gradients are averaged over the ranks by the
 reduce-scatter; the loss is scaled so that the average is the gradient of the global token mean
 (``fitune.step``).
+
+QLoRA's 4-bit weights are sharded like any other parameter, and so is the largest part of their
+quantization state: the per-block scales (``absmax``, one byte per 64 weights with double quantization, 1 GiB
+for a 70B model) become a frozen parameter of their layer, gathered with the packed weight and freed with
+it. What stays whole on every rank is the second-level state (the scales' own scales, 1/64 of those bytes,
+and two lookup tables).
 """
 
 from __future__ import annotations
 
+import copy
+
+import torch
 from torch import nn
+
+from fitune.memory.tracker import QUANT_STATE_PARAMETER
 
 
 def _state_onto_gathered_weight(module: nn.Module, _args) -> None:
     """A 4-bit layer's forward reads its quantization state from its weight; the weight FSDP2 gathers is a
-    new tensor without it, so it is given the state the layer keeps (``fitune.models.quantize``). bitsandbytes
-    would otherwise wrap the gathered weight in a parameter subclass of its own at every forward."""
-    weight = module.weight
-    if getattr(weight, "quant_state", None) is None:
-        weight.quant_state = module.quant_state
+    new tensor without it, so it is given the state the layer keeps (``fitune.models.quantize``), with the
+    block scales FSDP2 has just gathered beside it. bitsandbytes would otherwise wrap the gathered weight in a
+    parameter subclass of its own at every forward. A new state object each forward: the one a previous
+    forward saved for its backward keeps pointing at the same gathered scales, which FSDP2 gathers again
+    before that backward."""
+    state = copy.copy(module.quant_state)
+    state.absmax = getattr(module, QUANT_STATE_PARAMETER)
+    module.weight.quant_state = state
+
+
+def _scales_as_parameter(module: nn.Module) -> None:
+    """Move a 4-bit layer's block scales out of its quantization state into a frozen parameter, which
+    ``fully_shard`` then shards; the state keeps none (a forward reads them through the hook above)."""
+    state = module.quant_state
+    scales = nn.Parameter(state.absmax, requires_grad=False)
+    state.absmax = None
+    weight_state = getattr(module.weight, "quant_state", None)
+    if weight_state is not None and weight_state is not state:
+        weight_state.absmax = None
+    module.register_parameter(QUANT_STATE_PARAMETER, scales)
+
+
+def _state_to(state, device: torch.device) -> None:
+    """Move the tensors a quantization state still holds (all but the sharded block scales), in place."""
+    for obj in (state, getattr(state, "state2", None)):
+        if obj is None:
+            continue
+        for name, value in vars(obj).items():
+            if isinstance(value, torch.Tensor):
+                setattr(obj, name, value.to(device))
 
 
 def _body(causal_lm: nn.Module) -> nn.Module:
@@ -36,12 +72,13 @@ def shard_model(causal_lm: nn.Module, layers: list[nn.Module], mesh=None, device
     """Apply ``fully_shard`` to ``causal_lm`` (the transformers model inside a PeftModel, in place): each of
     ``layers``, the embeddings, [final norm, head], then the body as the root. A model in host memory moves
     to the mesh's device group by group as it is sharded; ``device`` is where the rest goes: the 4-bit
-    layers' quantization state, which is no parameter."""
+    layers' quantization state but their block scales, which is no parameter."""
     from torch.distributed.fsdp import fully_shard
 
     kwargs = {"mesh": mesh} if mesh is not None else {}
     for module in causal_lm.modules():
         if getattr(module, "quant_state", None) is not None and hasattr(module, "weight"):
+            _scales_as_parameter(module)
             module.register_forward_pre_hook(_state_onto_gathered_weight)
     for layer in layers:
         fully_shard(layer, **kwargs)
@@ -64,4 +101,4 @@ def shard_model(causal_lm: nn.Module, layers: list[nn.Module], mesh=None, device
         for module in causal_lm.modules():
             state = getattr(module, "quant_state", None)
             if state is not None:
-                state.to(device)  # in place
+                _state_to(state, device)

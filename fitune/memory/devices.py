@@ -208,13 +208,24 @@ class DeviceModel:
         return 0
 
 
-# CPU bf16 batched matmul: aten.bmm on bfloat16 copies its second operand into a contiguous batch x rows x
-# cols buffer, freed on return, unless that operand's batch stride is exactly rows x cols; fp32 and fp16 do
-# not. torch.nn.functional.linear reaches it with a 3-d input that is not contiguous, as the last position
-# transformers keeps for generation (``logits_to_keep``) is: the weight view then has a batch stride of one
-# row, and the output head's weight is copied once per sequence. Measured on this machine with torch 2.13;
-# tests/test_devices.py holds the model to the real allocations.
+# CPU bf16 batched matmul through oneDNN: aten.bmm on bfloat16 copies its second operand into a contiguous
+# batch x rows x cols buffer, freed on return, unless that operand's batch stride is exactly rows x cols; fp32
+# and fp16 do not. torch.nn.functional.linear reaches it with a 3-d input that is not contiguous, as the last
+# position transformers keeps for generation (``logits_to_keep``) is: the weight view then has a batch stride
+# of one row, and the output head's weight is copied once per sequence. torch hands bf16 matmuls to oneDNN
+# only on CPUs with bf16 support there (AVX-512 on x86); on an AVX2 CPU its own kernel reads the strided
+# operand in place and copies nothing. Measured with torch 2.13 on an AVX-512 and on an AVX2 machine;
+# tests/test_devices.py holds the model to the real allocations of the machine it runs on.
 CPU_BMM_COPY_DTYPES = ("torch.bfloat16",)
+
+
+def cpu_bf16_matmul_in_onednn() -> bool:
+    """Whether this machine's torch runs bf16 matmuls through oneDNN (which copies strided operands)."""
+    import torch
+
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 class CpuModel(DeviceModel):
@@ -238,6 +249,8 @@ class CpuModel(DeviceModel):
         other = args[1]
         batch, rows, cols = other.shape
         if str(other.dtype) not in CPU_BMM_COPY_DTYPES or other.stride(0) == rows * cols:
+            return 0
+        if not cpu_bf16_matmul_in_onednn():
             return 0
         return other.numel() * other.element_size()
 

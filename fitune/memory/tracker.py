@@ -68,6 +68,10 @@ class Category(str, Enum):
     REDUCE_SCATTER = "reduce_scatter_buffers"  # a group's whole gradients, flat, as they are reduce-scattered
 
 
+# A 4-bit layer of a sharded model holds its block scales (bitsandbytes' absmax) as a frozen parameter of
+# this name, so that FSDP2 shards them (``fitune.distributed.shard``); counted as quantization state.
+QUANT_STATE_PARAMETER = "quant_absmax"
+
 # A storage is re-categorised only towards a higher rank, unless the caller knows by identity.
 _RANK = {
     Category.TEMPORARIES: 0,
@@ -324,6 +328,9 @@ class MemoryTracker(TorchDispatchMode):
             if getattr(mod, "quant_state", None) is not None:
                 for q in _quant_state_tensors(mod):
                     self._categorize(q, Category.QUANT_STATE)
+                scales = mod._parameters.get(QUANT_STATE_PARAMETER)
+                if scales is not None:
+                    self._categorize(scales, Category.QUANT_STATE, force=True)
         self._models.append(weakref.ref(model))
         if self._depth:
             self._install_model_hooks(model)
