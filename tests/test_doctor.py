@@ -188,6 +188,10 @@ CASES = {
         ctx({}, RTX5090()),
     ),
     "fp16-on-cpu": lambda t: (ctx(FP16, CPU()), ctx({"train.precision": "fp32"}, CPU())),
+    "bf16-on-cpu-without-avx512": lambda t: (
+        ctx({}, CPU(cpu_capability="AVX2")),
+        ctx({}, CPU(cpu_capability="AVX512")),
+    ),
     "fp16-weights-on-cpu": lambda t: (
         ctx({"train.precision": "fp32", "model.dtype": "fp16"}, CPU()),
         ctx({"train.precision": "fp32", "model.dtype": "fp32"}, CPU()),

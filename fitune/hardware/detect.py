@@ -48,6 +48,9 @@ class Environment:
     bitsandbytes_cuda: bool  # bnb importable with CUDA kernels usable
     flash_attn_version: str | None  # flash_attn importable
     simulated: bool  # True when built from a catalog name rather than detected
+    # the vector instructions torch's CPU kernels use here (torch.backends.cpu.get_cpu_capability(): AVX512,
+    # AVX2, ...) on an x86 CPU; None on other CPUs and for GPUs
+    cpu_capability: str | None = None
 
 
 def detect_environment(device: str = "auto") -> Environment:
@@ -105,7 +108,18 @@ def _cpu_environment() -> Environment:
         bitsandbytes_cuda=False,
         flash_attn_version=_flash_attn_version(),
         simulated=False,
+        cpu_capability=_x86_cpu_capability(),
     )
+
+
+def _x86_cpu_capability() -> str | None:
+    import platform
+
+    import torch
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def _cuda_environment(index: int) -> Environment:

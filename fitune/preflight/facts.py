@@ -102,6 +102,7 @@ FACTS: dict[str, Callable[[DoctorContext], Any]] = {
     "cc": _cc_text,
     "env_device": lambda c: c.env.device_type if c.env else "unknown",
     "visible": lambda c: c.env.num_devices if c.env else "unknown",
+    "cpu_isa": lambda c: _known_or(c.env.cpu_capability if c.env else None),
     "torch": lambda c: c.env.torch_version if c.env else "unknown",
     "cuda": lambda c: _known_or(c.env.cuda_version if c.env else None),
     "torch_build": _torch_build,

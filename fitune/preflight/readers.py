@@ -52,6 +52,12 @@ def at_least(ctx: DoctorContext, cc: tuple[int, int]) -> bool:
     return c is not None and c >= cc
 
 
+def slow_cpu_bf16(ctx: DoctorContext) -> bool:
+    """The run is on an x86 CPU whose torch kernels stop short of AVX-512: bf16 matmuls there convert to
+    fp32 and back, many times slower than fp32 ones (the rule ``bf16-on-cpu-without-avx512``)."""
+    return on_cpu(ctx) and ctx.env.cpu_capability not in (None, "AVX512")
+
+
 def real(ctx: DoctorContext) -> bool:
     """The environment was detected on this machine (not simulated from a catalog GPU)."""
     return ctx.env is not None and not ctx.env.simulated
@@ -103,11 +109,13 @@ def fa2(ctx: DoctorContext) -> bool:
 def settled_precision(ctx: DoctorContext) -> str:
     """The precision every precision fix steers to, so that fixes applied together agree.
 
-    fp16 on a CPU -> fp32; a half type on a known GPU -> the GPU's half type (bf16 on Ampere+, else fp16);
+    fp16 on a CPU, or bf16 on an x86 CPU without AVX-512 -> fp32; a half type on a known GPU -> the GPU's half type (bf16 on Ampere+, else fp16);
     QLoRA in fp32 on a GPU -> its half type; bf16-pure without bf16 support -> fp16; anything else stays.
     """
     precision = ctx.recipe.train.precision
     if precision == "fp16" and on_cpu(ctx):
+        return "fp32"
+    if precision in ("bf16", "bf16-pure") and slow_cpu_bf16(ctx):
         return "fp32"
     if gpu(ctx) is not None and (precision in ("fp16", "bf16") or (precision == "fp32" and qlora(ctx))):
         return half(ctx)

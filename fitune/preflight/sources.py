@@ -17,6 +17,7 @@ A2_FA_HEAD_DIM = gh(
 A3_BF16_PRE_AMPERE = gh(
     "tatsu-lab/stanford_alpaca#133", "lm-sys/FastChat#399", "lm-sys/FastChat#1191", "OptimalScale/LMFlow#251"
 )
+CPU_BF16_WITHOUT_AVX512 = gh("pytorch/pytorch#146508", "pytorch/pytorch#86550")
 A6_HALF_ON_CPU = gh("yandex-research/DeDLOC#3", "huggingface/transformers#27769", "hiyouga/LlamaFactory#875")
 B1_BNB_CUDA = gh(
     "bitsandbytes-foundation/bitsandbytes#156",
