@@ -7,8 +7,8 @@ children (``/proc``, four times a second). A test that passes its cap or its tim
 return to Python within ``GRACE_S`` (stuck inside one long C call), the watchdog ends pytest with the same
 message on stderr. An exception raised from another thread can land on an instruction Python knows no line
 for, an entry pytest cannot print (it would end the whole run with an internal error); such entries are
-dropped from the failure's traceback. Limits: ``FITUNE_TEST_MEM_GIB`` and ``FITUNE_TEST_TIMEOUT_S``, or per test
-``@pytest.mark.limits(mem_gib=..., timeout_s=...)``. The summary lists the tests that took the most memory.
+dropped from the failure's traceback. Limits: ``FITUNE_TEST_MEM_GIB`` and ``FITUNE_TEST_TIMEOUT_S``, or per
+test ``@pytest.mark.limits(mem_gib=..., timeout_s=...)``. The summary lists the tests that took the most memory.
 """
 
 from __future__ import annotations

@@ -44,13 +44,11 @@ def _state_onto_gathered_weight(module: nn.Module, _args) -> None:
 
 def _scales_as_parameter(module: nn.Module) -> None:
     """Move a 4-bit layer's block scales out of its quantization state into a frozen parameter, which
-    ``fully_shard`` then shards; the state keeps none (a forward reads them through the hook above)."""
+    ``fully_shard`` then shards; the state keeps none (a forward reads them through the hook above). The
+    layer and its weight hold one state object (``fitune.models.quantize``), so neither keeps them whole."""
     state = module.quant_state
     scales = nn.Parameter(state.absmax, requires_grad=False)
     state.absmax = None
-    weight_state = getattr(module.weight, "quant_state", None)
-    if weight_state is not None and weight_state is not state:
-        weight_state.absmax = None
     module.register_parameter(QUANT_STATE_PARAMETER, scales)
 
 

@@ -109,8 +109,9 @@ def fa2(ctx: DoctorContext) -> bool:
 def settled_precision(ctx: DoctorContext) -> str:
     """The precision every precision fix steers to, so that fixes applied together agree.
 
-    fp16 on a CPU, or bf16 on an x86 CPU without AVX-512 -> fp32; a half type on a known GPU -> the GPU's half type (bf16 on Ampere+, else fp16);
-    QLoRA in fp32 on a GPU -> its half type; bf16-pure without bf16 support -> fp16; anything else stays.
+    fp16 on a CPU, or bf16 on an x86 CPU without AVX-512 -> fp32; a half type on a known GPU -> the GPU's
+    half type (bf16 on Ampere+, else fp16); QLoRA in fp32 on a GPU -> its half type; bf16-pure without bf16
+    support -> fp16; anything else stays.
     """
     precision = ctx.recipe.train.precision
     if precision == "fp16" and on_cpu(ctx):

@@ -17,7 +17,6 @@ A2_FA_HEAD_DIM = gh(
 A3_BF16_PRE_AMPERE = gh(
     "tatsu-lab/stanford_alpaca#133", "lm-sys/FastChat#399", "lm-sys/FastChat#1191", "OptimalScale/LMFlow#251"
 )
-CPU_BF16_WITHOUT_AVX512 = gh("pytorch/pytorch#146508", "pytorch/pytorch#86550")
 A6_HALF_ON_CPU = gh("yandex-research/DeDLOC#3", "huggingface/transformers#27769", "hiyouga/LlamaFactory#875")
 B1_BNB_CUDA = gh(
     "bitsandbytes-foundation/bitsandbytes#156",
@@ -74,6 +73,7 @@ FSDP2_GRADIENT_SUM = gh("pytorch/pytorch#162338")
 FSDP2_UINT8 = gh("pytorch/pytorch#177844", "pytorch/pytorch#185239")
 BLACKWELL = gh("pytorch/pytorch#150733", "HybridRobotics/berkeley-humanoid-lite#49")
 DEVICE_ORDINAL = gh("HRNet/HRNet-Semantic-Segmentation#171", "yunqing-me/WatermarkDM#8")
+CPU_BF16_WITHOUT_AVX512 = gh("pytorch/pytorch#146508", "pytorch/pytorch#86550")
 LORA_SCALE = gh("microsoft/LoRA#101", "unslothai/unsloth#1304", "QwenLM/Qwen#785")
 LORA_RANK = gh("huggingface/diffusers#4593")
 POSITIONS = gh("huggingface/transformers#1726", "Pan-ML/panml#59")
